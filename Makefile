@@ -1,0 +1,32 @@
+# Every target sets up what it needs: a venv in .venv, created on first use, with pinned installs.
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench gpu-suite clean
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU torch wheel first: anything that asks for torch later is then satisfied by it.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,train,dev]" torch==2.13.0
+	# PyPI's torchvision/torchaudio do not import beside the CPU wheel and break transformers.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	rm -f .venv/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m oapl.cli train examples/tiny-cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests benchmarks --benchmark-disable
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# On a CUDA machine with torch and triton installed (no venv): the one-call GPU suite.
+gpu-suite:
+	python3 benchmarks/gpu_suite.py --out results/gpu
+
+clean:
+	rm -rf .venv results .pytest_cache

@@ -1,0 +1,239 @@
+"""OAPL's loss (and the GRPO baseline) on top of the fused log-prob op.
+
+OAPL, per prompt x with a group of G completions y_i, rewards r_i and sampler log-probs:
+    V*(x) = beta1 * log(mean_i exp(r_i / beta1))          (optimal value, a log-mean-exp)
+    A_i   = r_i - V*(x)                                    (optimal advantage)
+    res_i = beta2 * (log pi_theta(y_i|x) - log pi_vllm(y_i|x)) - A_i
+    loss  = mean_i res_i^2
+where each log pi is a sum over the completion's tokens (mask). The gradient reaches the
+log-prob kernels as one coefficient per sequence, g_t = mask_t * 2 * beta2 * res_i / B.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .logprobs import linear_logprobs
+
+_IGNORE = -100
+
+
+@dataclass
+class LossOutput:
+    """What a policy loss returns. Everything except ``loss`` is detached.
+
+    loss: scalar, differentiable w.r.t. hidden and weight.
+    logprobs: [B, T] fp32 token log-probs under the current policy (0 off the mask).
+    advantages: [B] fp32.
+    values: [B] fp32 group value per sequence (OAPL's V*; GRPO's group mean reward).
+    residuals: [B] fp32 OAPL residuals (None for GRPO).
+    seq_logratio_mean: scalar, mean over sequences of sum_t mask (logp - inference_logprobs).
+    entropy_mean: scalar, mean token entropy over the mask.
+    clip_frac: scalar, share of masked tokens whose ratio was clipped (GRPO; None for OAPL).
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    advantages: torch.Tensor
+    values: torch.Tensor
+    residuals: torch.Tensor | None
+    seq_logratio_mean: torch.Tensor
+    entropy_mean: torch.Tensor
+    clip_frac: torch.Tensor | None = None
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name}{idx} is {x[tuple(idx)].item()}: {name} must be finite")
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """rewards [B] (consecutive groups) or [P, G] -> fp32 [P, G], validated."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not torch.is_tensor(rewards) or not rewards.is_floating_point():
+        raise TypeError("rewards must be a float tensor")
+    _check_finite("rewards", rewards)
+    if rewards.dim() == 2:
+        if rewards.shape[1] != group_size:
+            raise ValueError(f"rewards of shape {tuple(rewards.shape)} must have group_size={group_size} columns")
+        return rewards.float()
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be [B] with B a multiple of group_size={group_size} "
+                         f"(or [P, G]); got shape {tuple(rewards.shape)}")
+    return rewards.float().view(-1, group_size)
+
+
+def optimal_values(rewards: torch.Tensor, *, group_size: int, beta1: float) -> torch.Tensor:
+    """OAPL's optimal value per prompt: V* = beta1 * log(mean_i exp(r_i / beta1)).
+
+    Args:
+        rewards: [B] float, consecutive groups of ``group_size`` completions of one prompt,
+            or [P, G] with G == group_size.
+        group_size: completions per prompt, G.
+        beta1: > 0. Large beta1 tends to the group mean, small beta1 to the group max.
+
+    Returns:
+        [B // group_size] fp32. Computed as a log-sum-exp (shifted by the group max), so
+        r / beta1 in the thousands does not overflow.
+    """
+    if not beta1 > 0:
+        raise ValueError(f"beta1 must be > 0, got {beta1}")
+    r = _groups(rewards, group_size)
+    return beta1 * (torch.logsumexp(r / beta1, dim=1) - math.log(r.shape[1]))
+
+
+def _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size):
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
+    bt = tuple(hidden.shape[:2])
+    for name, x in (("targets", targets), ("inference_logprobs", inference_logprobs), ("mask", mask)):
+        if tuple(x.shape) != bt:
+            raise ValueError(f"{name} shape {tuple(x.shape)} must equal hidden.shape[:2] {bt}")
+    if rewards.shape != (bt[0],):
+        raise ValueError(f"rewards shape {tuple(rewards.shape)} must be [B] = ({bt[0]},)")
+    if bt[0] % group_size:
+        raise ValueError(f"B={bt[0]} must be a multiple of group_size={group_size}")
+    _groups(rewards, group_size)
+
+
+def _token_logprobs(hidden, weight, targets, mask, temperature, impl):
+    """Masked token log-probs and entropies [B, T] (0 off the mask) and the bool mask."""
+    m = mask.bool() if mask.dtype != torch.bool else mask
+    tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
+    logp, ent = linear_logprobs(hidden, weight, tgt, temperature=temperature, ignore_index=_IGNORE,
+                                return_entropy=True, impl=impl)
+    return logp, ent, m
+
+
+def _masked_ref(inference_logprobs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Sampler log-probs in fp32 with everything off the mask (NaN included) set to 0."""
+    return torch.where(m, inference_logprobs.float(), torch.zeros((), device=m.device))
+
+
+def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
+              group_size: int, beta1: float, beta2: float, temperature: float = 1.0,
+              values: torch.Tensor | None = None, impl: str = "auto") -> LossOutput:
+    """OAPL loss mean_i (beta2 * (log pi_theta(y_i) - log pi_vllm(y_i)) - A_i)^2, fused.
+
+    Args:
+        hidden: [B, T, D] float (fp32/bf16/fp16) hidden states; hidden[:, t] predicts targets[:, t].
+        weight: [V, D] lm_head weight, same dtype.
+        targets: [B, T] int64 token ids (only read where mask is set).
+        inference_logprobs: [B, T] float, the sampler's log-probs of targets (pi_vllm).
+            Values off the mask are ignored, NaN included.
+        rewards: [B] float, finite; consecutive groups of ``group_size`` share a prompt.
+        mask: [B, T] bool or float 0/1, 1 on completion tokens. An all-zero row (empty
+            completion) is valid: its log-prob sum is 0.
+        group_size: G, completions per prompt.
+        beta1: > 0, temperature of the optimal value V*.
+        beta2: > 0, weight of the KL-regularized log-ratio.
+        temperature: sampling temperature (logits are divided by it).
+        values: optional precomputed V*, [B // group_size] or [B] (offline data).
+        impl: "auto", "torch" or "triton" (see :func:`linear_logprobs`).
+
+    Returns:
+        :class:`LossOutput`; ``loss`` differentiable w.r.t. hidden and weight.
+    """
+    if not beta1 > 0:
+        raise ValueError(f"beta1 must be > 0, got {beta1}")
+    if not beta2 > 0:
+        raise ValueError(f"beta2 must be > 0, got {beta2}")
+    _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
+    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl)
+    seq_logp = logp.sum(dim=1)
+    seq_ref = _masked_ref(inference_logprobs, m).sum(dim=1)
+    r = rewards.float()
+    if values is None:
+        v = optimal_values(r, group_size=group_size, beta1=beta1).repeat_interleave(group_size)
+    else:
+        v = values.float().reshape(-1)
+        _check_finite("values", v)
+        if v.numel() * group_size == r.numel():
+            v = v.repeat_interleave(group_size)
+        elif v.numel() != r.numel():
+            raise ValueError(f"values must be [B // group_size] or [B], got shape {tuple(values.shape)}")
+    adv = r - v
+    logratio = seq_logp - seq_ref
+    res = beta2 * logratio - adv
+    loss = res.square().mean()
+    n_tok = m.sum().clamp(min=1)
+    return LossOutput(
+        loss=loss, logprobs=logp.detach(), advantages=adv, values=v, residuals=res.detach(),
+        seq_logratio_mean=logratio.detach().mean(), entropy_mean=(ent.detach() * m).sum() / n_tok,
+    )
+
+
+def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
+              group_size: int, clip_eps: float = 0.2, temperature: float = 1.0,
+              old_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
+              scale_rewards: bool = True, impl: str = "auto") -> LossOutput:
+    """GRPO baseline: group-normalized advantages, token-level clipped ratio, optional truncated IS.
+
+    The ratio is pi_theta / pi_old per token, with pi_old = ``old_logprobs`` when given (the
+    trainer's own log-probs of the rollout policy) else the sampler's ``inference_logprobs``.
+    With ``tis_cap``, each token's surrogate is weighted by min(pi_old / pi_vllm, tis_cap)
+    (truncated importance sampling for the sampler/trainer mismatch; only differs from 1 when
+    ``old_logprobs`` is given). The loss is the mean over all masked tokens of
+    -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
+
+    Shapes and dtypes as in :func:`oapl_loss`; A_i = (r_i - mean_g r) / (std_g r + 1e-6)
+    (``scale_rewards=False`` keeps r_i - mean_g r).
+    """
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    if tis_cap is not None and not tis_cap > 0:
+        raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
+    _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
+    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl)
+    r = _groups(rewards, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    adv = r - mean
+    if scale_rewards:
+        adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
+    adv, mean = adv.reshape(-1), mean.expand_as(r).reshape(-1)
+    ref = _masked_ref(inference_logprobs, m)
+    old = ref if old_logprobs is None else _masked_ref(old_logprobs, m)
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    if tis_cap is not None:
+        surrogate = surrogate * torch.exp(old - ref).clamp(max=tis_cap)
+    n_tok = m.sum().clamp(min=1)
+    loss = -(surrogate * m).sum() / n_tok
+    clipped = ((ratio.detach() - 1).abs() > clip_eps) & m
+    return LossOutput(
+        loss=loss, logprobs=logp.detach(), advantages=adv, values=mean, residuals=None,
+        seq_logratio_mean=(logp.detach() - ref).sum(dim=1).mean(),
+        entropy_mean=(ent.detach() * m).sum() / n_tok, clip_frac=clipped.sum() / n_tok,
+    )
+
+
+class OAPLLoss(torch.nn.Module):
+    """Module form of :func:`oapl_loss` for users' trainers.
+
+    ``OAPLLoss(beta1=1.0, beta2=0.05, group_size=8)(hidden, lm_head_weight, targets,
+    inference_logprobs, rewards, mask)`` returns a :class:`LossOutput`.
+    """
+
+    def __init__(self, *, beta1: float, beta2: float, group_size: int, temperature: float = 1.0,
+                 impl: str = "auto"):
+        super().__init__()
+        if not beta1 > 0 or not beta2 > 0:
+            raise ValueError(f"beta1 and beta2 must be > 0, got {beta1}, {beta2}")
+        self.beta1, self.beta2, self.group_size = beta1, beta2, group_size
+        self.temperature, self.impl = temperature, impl
+
+    def forward(self, hidden, weight, targets, inference_logprobs, rewards, mask, values=None):
+        return oapl_loss(hidden, weight, targets, inference_logprobs, rewards, mask,
+                         group_size=self.group_size, beta1=self.beta1, beta2=self.beta2,
+                         temperature=self.temperature, values=values, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"beta1={self.beta1}, beta2={self.beta2}, group_size={self.group_size}, temperature={self.temperature}"

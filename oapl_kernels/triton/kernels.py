@@ -1,0 +1,125 @@
+"""Triton kernels for fused linear log-probs.
+
+Both kernels compute tiles of z = (H @ W^T) * inv_temp with ``tl.dot`` over D in BLOCK_D
+slices (bf16/fp16 operands on tensor cores, fp32 accumulation), and never write z.
+
+* ``fwd_stats_kernel``: grid (row blocks, vocab splits). Each program walks its share of the
+  vocabulary with an online max m, sum s = sum e^(z-m), sum t = sum e^(z-m) z and picks the
+  target logit. It writes those four per-row partials; the host merges the splits.
+* ``dlogits_kernel``: grid (row blocks, vocab blocks) over one vocab chunk [v_lo, v_hi).
+  It recomputes a z tile, turns it into the logits' gradient
+  dz = inv_temp * (g (1[v=y] - p) - e p (z - E)) with p = exp(z - LSE), and stores it. The host
+  then forms dH and dW with two GEMMs on that chunk.
+
+UPCAST casts the operands of ``tl.dot`` to fp32: the Triton interpreter computes bf16 dots
+wrongly, so it is set when ``TRITON_INTERPRET=1``; compiled kernels keep 16-bit operands.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_tile(
+    H, W, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """z[BLOCK_N, BLOCK_V] fp32 for rows offs_n and vocab columns offs_v (columns >= v_hi are 0)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    row_ok = offs_n < N
+    col_ok = offs_v < v_hi
+    h_ptrs = H + offs_n.to(tl.int64)[:, None] * stride_h
+    w_ptrs = W + offs_v.to(tl.int64)[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        h = tl.load(h_ptrs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc)
+    return acc * inv_temp
+
+
+@triton.jit
+def fwd_stats_kernel(
+    H, W, Y, M, S, T, ZY,
+    N, V, D, stride_h, stride_w, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Partials per (split, row): M max logit, S sum exp(z - M), T sum exp(z - M) z, ZY target logit.
+
+    H [N, D], W [V, D] (row-major in D), Y [N] int64 target (or -1). M, S, T, ZY are fp32
+    [num_splits, N]. The vocab blocks are divided evenly among the grid's second axis.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_vblocks = tl.cdiv(V, BLOCK_V)
+    per_split = tl.cdiv(n_vblocks, n_splits)
+    v_begin = pid_s * per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + per_split * BLOCK_V, V)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    y = tl.load(Y + offs_n, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        z = _logits_tile(H, W, offs_n, offs_v, N, v_end, D, stride_h, stride_w, inv_temp,
+                         BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        col_ok = (offs_v < v_end)[None, :]
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        z_max = tl.max(tl.where(col_ok, z, float("-inf")), axis=1)
+        m_new = tl.maximum(m, z_max)
+        alpha = tl.exp(m - m_new)
+        e = tl.where(col_ok, tl.exp(z - m_new[:, None]), 0.0)
+        s = s * alpha + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            t = t * alpha + tl.sum(e * z, axis=1)
+        m = m_new
+    out = pid_s * N + offs_n
+    tl.store(M + out, m, mask=row_ok)
+    tl.store(S + out, s, mask=row_ok)
+    tl.store(ZY + out, zy, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(T + out, t, mask=row_ok)
+
+
+@triton.jit
+def dlogits_kernel(
+    H, W, Y, LSE, MEAN, G, GE, DZ,
+    N, v_lo, v_hi, D, stride_h, stride_w, stride_dz, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """DZ[n, v - v_lo] = inv_temp * (G_n (1[v=Y_n] - p) - GE_n p (z - MEAN_n)) for v in [v_lo, v_hi).
+
+    H [N, D], W [V, D], Y [N] int64 (or -1), LSE, MEAN, G, GE fp32 [N]; DZ [N, >= v_hi - v_lo]
+    in the dtype of H. Grid: (cdiv(N, BLOCK_N), cdiv(v_hi - v_lo, BLOCK_V)).
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = offs_n < N
+    z = _logits_tile(H, W, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, inv_temp,
+                     BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    y = tl.load(Y + offs_n, mask=row_ok, other=-1)
+    lse = tl.load(LSE + offs_n, mask=row_ok, other=0.0)
+    g = tl.load(G + offs_n, mask=row_ok, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    if WITH_ENTROPY:
+        mean = tl.load(MEAN + offs_n, mask=row_ok, other=0.0)
+        ge = tl.load(GE + offs_n, mask=row_ok, other=0.0)
+        coef = g[:, None] + ge[:, None] * (z - mean[:, None])
+    else:
+        coef = g[:, None]
+    dz = tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - p * coef
+    dz = dz * inv_temp
+    dz_ptrs = DZ + offs_n.to(tl.int64)[:, None] * stride_dz + (offs_v - v_lo)[None, :]
+    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=row_ok[:, None] & (offs_v < v_hi)[None, :])

