@@ -3,13 +3,16 @@
 Both kernels compute tiles of z = (H @ W^T) * inv_temp with ``tl.dot`` over D in BLOCK_D
 slices (bf16/fp16 operands on tensor cores, fp32 accumulation), and never write z.
 
-* ``fwd_stats_kernel``: grid (row blocks, vocab splits). Each program walks its share of the
+* ``fwd_stats_kernel``: one program per (row block, vocab split). Each walks its split of the
   vocabulary with an online max m, sum s = sum e^(z-m), sum t = sum e^(z-m) z and picks the
   target logit. It writes those four per-row partials; the host merges the splits.
-* ``dlogits_kernel``: grid (row blocks, vocab blocks) over one vocab chunk [v_lo, v_hi).
+* ``dlogits_kernel``: one program per (row block, vocab block) of one vocab chunk [v_lo, v_hi).
   It recomputes a z tile, turns it into the logits' gradient
   dz = inv_temp * (g (1[v=y] - p) - e p (z - E)) with p = exp(z - LSE), and stores it. The host
   then forms dH and dW with two GEMMs on that chunk.
+
+Programs are ordered GROUP_N row blocks at a time (``_grouped``), as in a tiled GEMM, so the
+panels that concurrently running programs read stay in L2.
 
 UPCAST casts the operands of ``tl.dot`` to fp32: the Triton interpreter computes bf16 dots
 wrongly, so it is set when ``TRITON_INTERPRET=1``; compiled kernels keep 16-bit operands.
@@ -42,24 +45,35 @@ def _logits_tile(
 
 
 @triton.jit
+def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
+    """Map a 1-D program id to (row block, column index), GROUP_N row blocks at a time.
+
+    Programs that run together then share GROUP_N hidden panels and a few weight panels, which
+    stay in L2 instead of being re-read from memory by every program.
+    """
+    per_group = GROUP_N * n_cols
+    first_row = (pid // per_group) * GROUP_N
+    rows_here = tl.minimum(n_row_blocks - first_row, GROUP_N)
+    local = pid % per_group
+    return first_row + local % rows_here, local // rows_here
+
+
+@triton.jit
 def fwd_stats_kernel(
     H, W, Y, M, S, T, ZY,
-    N, V, D, stride_h, stride_w, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, V, D, stride_h, stride_w, inv_temp, n_splits, split_cols,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partials per (split, row): M max logit, S sum exp(z - M), T sum exp(z - M) z, ZY target logit.
 
     H [N, D], W [V, D] (row-major in D), Y [N] int64 target (or -1). M, S, T, ZY are fp32
-    [num_splits, N]. The vocab blocks are divided evenly among the grid's second axis.
+    [n_splits, N]. Split k covers vocab [k * split_cols, (k + 1) * split_cols); split_cols is a
+    multiple of BLOCK_V. Grid: (cdiv(N, BLOCK_N) * n_splits,).
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    n_vblocks = tl.cdiv(V, BLOCK_V)
-    per_split = tl.cdiv(n_vblocks, n_splits)
-    v_begin = pid_s * per_split * BLOCK_V
-    v_end = tl.minimum(v_begin + per_split * BLOCK_V, V)
+    pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
+    v_begin = pid_s * split_cols
+    v_end = tl.minimum(v_begin + split_cols, V)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
@@ -94,16 +108,16 @@ def fwd_stats_kernel(
 def dlogits_kernel(
     H, W, Y, LSE, MEAN, G, GE, DZ,
     N, v_lo, v_hi, D, stride_h, stride_w, stride_dz, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """DZ[n, v - v_lo] = inv_temp * (G_n (1[v=Y_n] - p) - GE_n p (z - MEAN_n)) for v in [v_lo, v_hi).
 
     H [N, D], W [V, D], Y [N] int64 (or -1), LSE, MEAN, G, GE fp32 [N]; DZ [N, >= v_hi - v_lo]
-    in the dtype of H. Grid: (cdiv(N, BLOCK_N), cdiv(v_hi - v_lo, BLOCK_V)).
+    in the dtype of H. Grid: (cdiv(N, BLOCK_N) * cdiv(v_hi - v_lo, BLOCK_V),).
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N),
+                            tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = offs_n < N

@@ -25,16 +25,16 @@ GPU_CONFIGS = [
 ]
 # Small tiles for the interpreter: odd shapes still cross several blocks in tests.
 INTERPRETER_CONFIG = (16, 32, 16, 4, 1)
+GROUP_N = 8  # row blocks per program group (L2 reuse, see kernels._grouped)
+_KERNELS = {"fwd": fwd_stats_kernel, "dz": dlogits_kernel}
 
 
 def _configs():
     return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": GROUP_N},
+                      num_warps=w, num_stages=s)
         for bn, bv, bd, w, s in GPU_CONFIGS
     ]
-
-
-_KERNELS = {"fwd": fwd_stats_kernel, "dz": dlogits_kernel}
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,24 +46,23 @@ def _launch(name, grid, *args, **kwargs):
     """Launch a kernel: autotuned over GPU_CONFIGS when compiled, fixed small tiles when interpreted."""
     if interpreting():
         bn, bv, bd, _, _ = INTERPRETER_CONFIG
-        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}
+        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 2}
         _KERNELS[name][grid(meta)](*args, **kwargs, **meta)
     else:
         _autotuned(name)[grid](*args, **kwargs)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+def _split_cols(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Vocab columns per forward split, a multiple of every BLOCK_V.
 
-
-def _num_splits(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Vocab splits so that (row blocks x splits) fills the GPU about twice over."""
-    row_blocks = triton.cdiv(n_rows, 128)
-    min_cols = 64 if interpreting() else 2048
-    most = max(1, vocab // min_cols)
-    return max(1, min(most, triton.cdiv(2 * _num_sms(device), row_blocks)))
+    At most 4096 (GPU) so that programs running together cover few row blocks and many splits
+    (L2 reuse); fewer when there are few rows, so that about 4 programs per SM exist.
+    """
+    if interpreting():
+        return 64
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = triton.cdiv(4 * sms, triton.cdiv(n_rows, 128))
+    return min(4096, max(256, triton.cdiv(triton.cdiv(vocab, splits), 256) * 256))
 
 
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -75,15 +74,16 @@ def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    splits = _num_splits(n, vocab, hidden.device)
+    split_cols = _split_cols(n, vocab, hidden.device)
+    splits = triton.cdiv(vocab, split_cols)
     part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
     m, s, t, zy = part
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), splits)
+        return (triton.cdiv(n, meta["BLOCK_N"]) * splits,)
 
     _launch("fwd", grid, hidden, weight, targets, m, s, t, zy,
-            n, vocab, d, hidden.stride(0), weight.stride(0), inv_temp,
+            n, vocab, d, hidden.stride(0), weight.stride(0), inv_temp, splits, split_cols,
             WITH_ENTROPY=with_entropy, UPCAST=interpreting())
     m_all = m.amax(dim=0)
     scale = torch.exp(m - m_all)
@@ -133,7 +133,7 @@ def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad
         width = v_hi - v_lo
 
         def grid(meta, width=width):
-            return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_V"]))
+            return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
 
         _launch("dz", grid, hidden, weight, targets, lse, mean, grad_logp, ge, dz,
                 n, v_lo, v_hi, d, hidden.stride(0), weight.stride(0), dz.stride(0), inv_temp,
