@@ -78,13 +78,16 @@ def optimal_values(rewards: torch.Tensor, *, group_size: int, beta1: float) -> t
         beta1: > 0. Large beta1 tends to the group mean, small beta1 to the group max.
 
     Returns:
-        [B // group_size] fp32. Computed as a log-sum-exp (shifted by the group max), so
-        r / beta1 in the thousands does not overflow.
+        [B // group_size] fp32. Computed in float64 as
+        max_i r_i + beta1 * log1p(mean_i expm1((r_i - max r) / beta1)): no overflow when r / beta1
+        is in the thousands, and no cancellation when beta1 is large (V* -> mean).
     """
     if not beta1 > 0:
         raise ValueError(f"beta1 must be > 0, got {beta1}")
-    r = _groups(rewards, group_size)
-    return beta1 * (torch.logsumexp(r / beta1, dim=1) - math.log(r.shape[1]))
+    r = _groups(rewards, group_size).double()
+    top = r.amax(dim=1)
+    v = top + beta1 * torch.log1p(torch.expm1((r - top[:, None]) / beta1).mean(dim=1))
+    return v.float()
 
 
 def _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size):

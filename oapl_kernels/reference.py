@@ -27,6 +27,17 @@ def vocab_chunk(n_rows: int, vocab: int, workspace_bytes: int = DEFAULT_WORKSPAC
     return min(vocab, chunk)
 
 
+def _buffer(n_rows: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 buffer for n_rows x chunk tiles, allocated once per call and reused by every
+    chunk (a fresh 64 MB tile per chunk would be page-faulted in and zeroed by the OS each time)."""
+    return torch.empty(n_rows * chunk, device=device)
+
+
+def _tile(buffer: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
+    """A contiguous [n_rows, width] view at the start of ``buffer`` (width <= chunk)."""
+    return buffer[: n_rows * width].view(n_rows, width)
+
+
 def forward_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -41,23 +52,23 @@ def forward_stats(
     mean_logit [N] = E_p[z] (so entropy = lse - mean_logit).
     """
     n, vocab = hidden.shape[0], weight.shape[0]
-    h = hidden.float()
+    h = hidden.float() * inv_temp  # z = (h / tau) @ w.T: the temperature costs N x D, not N x V
     m = torch.full((n,), float("-inf"), device=h.device)
     s = torch.zeros(n, device=h.device)
     t = torch.zeros(n, device=h.device)
     zy = torch.zeros(n, device=h.device)
     chunk = vocab_chunk(n, vocab, workspace_bytes)
+    z_buf, e_buf = _buffer(n, chunk, h.device), _buffer(n, chunk, h.device)
     for v0 in range(0, vocab, chunk):
-        z = h @ weight[v0 : v0 + chunk].float().T
-        z.mul_(inv_temp)
+        w = weight[v0 : v0 + chunk].float()
+        z, e = _tile(z_buf, n, w.shape[0]), _tile(e_buf, n, w.shape[0])
+        torch.mm(h, w.T, out=z)
         _gather_targets(z, targets, v0, zy)
         m_new = torch.maximum(m, z.amax(dim=1))
         alpha = torch.exp(m - m_new)
-        t.mul_(alpha)
-        s.mul_(alpha)
-        e = torch.exp(z - m_new[:, None])
-        s.add_(e.sum(dim=1))
-        t.add_(e.mul_(z).sum(dim=1))
+        torch.sub(z, m_new[:, None], out=e).exp_()  # e = exp(z - running max)
+        s.mul_(alpha).add_(e.sum(dim=1))
+        t.mul_(alpha).add_(e.mul_(z).sum(dim=1))
         m = m_new
     lse = m + torch.log(s)
     return lse, zy, t / s
@@ -83,24 +94,25 @@ def backward(
     not needed. Each chunk's logits are recomputed from hidden and weight.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
-    h = hidden.float()
+    h = hidden.float() * inv_temp  # logits z = h @ w.T, and dW = dz.T @ (h / tau)
     d_hidden = torch.zeros_like(h) if need_hidden else None
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_weight else None
     chunk = vocab_chunk(n, vocab, workspace_bytes)
+    z_buf = _buffer(n, chunk, h.device)
+    p_buf = _buffer(n, chunk, h.device) if grad_entropy is not None else None
     for v0 in range(0, vocab, chunk):
         w = weight[v0 : v0 + chunk].float()
-        z = h @ w.T
-        z.mul_(inv_temp)
-        p = torch.exp(z - lse[:, None])
+        z = _tile(z_buf, n, w.shape[0])
+        torch.mm(h, w.T, out=z)
         if grad_entropy is None:
-            dz = p.mul_(-grad_logp[:, None])
+            dz = z.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # -g p, in place
         else:
+            p = torch.sub(z, lse[:, None], out=_tile(p_buf, n, w.shape[0])).exp_()
             z.sub_(mean_logit[:, None]).mul_(grad_entropy[:, None]).add_(grad_logp[:, None])
-            dz = p.mul_(z).neg_()
+            dz = p.mul_(z).neg_()  # -p (g + e (z - E))
         _scatter_targets(dz, targets, v0, grad_logp)
-        dz.mul_(inv_temp)
         if need_hidden:
-            d_hidden.addmm_(dz, w)
+            d_hidden.addmm_(dz, w, alpha=inv_temp)  # dH = dz @ W / tau
         if need_weight:
             torch.mm(dz.T, h, out=d_weight[v0 : v0 + chunk])
     return d_hidden, d_weight

@@ -14,6 +14,10 @@ slices (bf16/fp16 operands on tensor cores, fp32 accumulation), and never write 
 Programs are ordered GROUP_N row blocks at a time (``_grouped``), as in a tiled GEMM, so the
 panels that concurrently running programs read stay in L2.
 
+With FROM_LOGITS, both read a stored tile of raw logits (computed by a cuBLAS GEMM into a
+bounded workspace) instead of computing it: the GEMM then runs at cuBLAS speed and the kernels
+are one memory pass each.
+
 UPCAST casts the operands of ``tl.dot`` to fp32: the Triton interpreter computes bf16 dots
 wrongly, so it is set when ``TRITON_INTERPRET=1``; compiled kernels keep 16-bit operands.
 """
@@ -45,6 +49,22 @@ def _logits_tile(
 
 
 @triton.jit
+def _z_tile(
+    H, W, Z, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, stride_z, z_col0, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """The tile of z = logits * inv_temp: read from Z (raw logits, column v at v - z_col0) when
+    FROM_LOGITS, else computed from H and W. Columns >= v_hi and rows >= N are 0."""
+    if FROM_LOGITS:
+        ptrs = Z + offs_n.to(tl.int64)[:, None] * stride_z + (offs_v - z_col0)[None, :]
+        ok = (offs_n < N)[:, None] & (offs_v < v_hi)[None, :]
+        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * inv_temp
+    return _logits_tile(H, W, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+
+
+@triton.jit
 def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
     """Map a 1-D program id to (row block, column index), GROUP_N row blocks at a time.
 
@@ -60,16 +80,17 @@ def _grouped(pid, n_row_blocks, n_cols, GROUP_N: tl.constexpr):
 
 @triton.jit
 def fwd_stats_kernel(
-    H, W, Y, M, S, T, ZY,
-    N, V, D, stride_h, stride_w, inv_temp, n_splits, split_cols,
+    H, W, Z, Y, M, S, T, ZY,
+    N, V, D, stride_h, stride_w, stride_z, inv_temp, n_splits, split_cols,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partials per (split, row): M max logit, S sum exp(z - M), T sum exp(z - M) z, ZY target logit.
 
     H [N, D], W [V, D] (row-major in D), Y [N] int64 target (or -1). M, S, T, ZY are fp32
     [n_splits, N]. Split k covers vocab [k * split_cols, (k + 1) * split_cols); split_cols is a
-    multiple of BLOCK_V. Grid: (cdiv(N, BLOCK_N) * n_splits,).
+    multiple of BLOCK_V. Grid: (cdiv(N, BLOCK_N) * n_splits,). With FROM_LOGITS the raw logits
+    are read from Z [N, V] (any float dtype) instead of being computed from H and W.
     """
     pid_n, pid_s = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, GROUP_N)
     v_begin = pid_s * split_cols
@@ -84,8 +105,8 @@ def fwd_stats_kernel(
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        z = _logits_tile(H, W, offs_n, offs_v, N, v_end, D, stride_h, stride_w, inv_temp,
-                         BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        z = _z_tile(H, W, Z, offs_n, offs_v, N, v_end, D, stride_h, stride_w, stride_z, 0, inv_temp,
+                    BLOCK_N, BLOCK_V, BLOCK_D, FROM_LOGITS, UPCAST)
         col_ok = (offs_v < v_end)[None, :]
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         z_max = tl.max(tl.where(col_ok, z, float("-inf")), axis=1)
@@ -106,23 +127,24 @@ def fwd_stats_kernel(
 
 @triton.jit
 def dlogits_kernel(
-    H, W, Y, LSE, MEAN, G, GE, DZ,
-    N, v_lo, v_hi, D, stride_h, stride_w, stride_dz, inv_temp,
+    H, W, Z, Y, LSE, MEAN, G, GE, DZ,
+    N, v_lo, v_hi, D, stride_h, stride_w, stride_z, stride_dz, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """DZ[n, v - v_lo] = inv_temp * (G_n (1[v=Y_n] - p) - GE_n p (z - MEAN_n)) for v in [v_lo, v_hi).
 
     H [N, D], W [V, D], Y [N] int64 (or -1), LSE, MEAN, G, GE fp32 [N]; DZ [N, >= v_hi - v_lo]
-    in the dtype of H. Grid: (cdiv(N, BLOCK_N) * cdiv(v_hi - v_lo, BLOCK_V),).
+    in the dtype of H. Grid: (cdiv(N, BLOCK_N) * cdiv(v_hi - v_lo, BLOCK_V),). With FROM_LOGITS
+    the raw logits of the chunk are read from Z [N, >= v_hi - v_lo] instead of recomputed.
     """
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N),
                             tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = v_lo + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = offs_n < N
-    z = _logits_tile(H, W, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, inv_temp,
-                     BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    z = _z_tile(H, W, Z, offs_n, offs_v, N, v_hi, D, stride_h, stride_w, stride_z, v_lo, inv_temp,
+                BLOCK_N, BLOCK_V, BLOCK_D, FROM_LOGITS, UPCAST)
     y = tl.load(Y + offs_n, mask=row_ok, other=-1)
     lse = tl.load(LSE + offs_n, mask=row_ok, other=0.0)
     g = tl.load(G + offs_n, mask=row_ok, other=0.0)

@@ -1,4 +1,13 @@
-"""Host side of the Triton path: block-size configs, grids, split merging and the backward GEMMs."""
+"""Host side of the Triton path: block-size configs, grids, split merging and the backward GEMMs.
+
+Two ways to get the logits tiles, chosen by ``logits_mode()``:
+
+* ``"tile"``: the kernels compute every tile with ``tl.dot`` and no logits exist in memory at
+  all (zero workspace beyond O(N) statistics).
+* ``"gemm"``: a cuBLAS GEMM writes a bounded chunk of raw fp32 logits into a workspace and the
+  kernels read it (one memory pass each). Faster on GPUs where cuBLAS beats Triton's GEMM,
+  at the price of a workspace of ``workspace_bytes()``.
+"""
 from __future__ import annotations
 
 import functools
@@ -15,12 +24,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def logits_mode(device: torch.device) -> str:
+    """'gemm' or 'tile' (env OAPL_LOGITS; default 'gemm' where torch has fp32-output GEMMs)."""
+    mode = os.environ.get("OAPL_LOGITS", "gemm")
+    if mode not in ("gemm", "tile"):
+        raise ValueError(f"OAPL_LOGITS must be 'gemm' or 'tile', got {mode!r}")
+    if mode == "gemm" and device.type == "cuda" and not _fp32_output_gemm(device):
+        return "tile"
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_output_gemm(device: torch.device) -> bool:
+    """Whether this torch can write a 16-bit GEMM's result in fp32 (``out_dtype``) on ``device``."""
+    a = torch.ones((16, 16), dtype=torch.bfloat16, device=device)
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def workspace_bytes() -> int:
+    """Bytes for a chunk of logits and their gradient (env OAPL_WORKSPACE_MB, default 2048)."""
+    return int(float(os.environ.get("OAPL_WORKSPACE_MB", "2048")) * 2**20)
+
+
 # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): tiles for Hopper/Ampere tensor cores.
 GPU_CONFIGS = [
     (128, 128, 64, 8, 3),
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
-    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 4),
     (64, 128, 64, 4, 4),
 ]
 # Small tiles for the interpreter: odd shapes still cross several blocks in tests.
@@ -38,18 +72,20 @@ def _configs():
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(name: str):
-    return triton.autotune(configs=_configs(), key=["D"])(_KERNELS[name])
+def _autotuned(name: str, from_logits: bool):
+    # Reading stored logits is a memory pass: the tile shape matters little, keep one config.
+    configs = _configs()[:1] if from_logits else _configs()
+    return triton.autotune(configs=configs, key=["D"])(_KERNELS[name])
 
 
-def _launch(name, grid, *args, **kwargs):
+def _launch(name, grid, *args, FROM_LOGITS, **kwargs):
     """Launch a kernel: autotuned over GPU_CONFIGS when compiled, fixed small tiles when interpreted."""
     if interpreting():
         bn, bv, bd, _, _ = INTERPRETER_CONFIG
         meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 2}
-        _KERNELS[name][grid(meta)](*args, **kwargs, **meta)
+        _KERNELS[name][grid(meta)](*args, FROM_LOGITS=FROM_LOGITS, UPCAST=True, **kwargs, **meta)
     else:
-        _autotuned(name)[grid](*args, **kwargs)
+        _autotuned(name, FROM_LOGITS)[grid](*args, FROM_LOGITS=FROM_LOGITS, UPCAST=False, **kwargs)
 
 
 def _split_cols(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -65,84 +101,133 @@ def _split_cols(n_rows: int, vocab: int, device: torch.device) -> int:
     return min(4096, max(256, triton.cdiv(triton.cdiv(vocab, splits), 256) * 256))
 
 
+def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out [C, W] fp32 = hidden [C, D] @ weight[W, D]^T with fp32 accumulation and output.
+
+    On CUDA with 16-bit inputs this is one cuBLAS GEMM with an fp32 output (torch's
+    ``out_dtype``); elsewhere the inputs are upcast.
+    """
+    if hidden.dtype == torch.float32:
+        return torch.mm(hidden, weight.T, out=out)
+    if hidden.is_cuda:
+        return torch.mm(hidden, weight.T, out_dtype=torch.float32, out=out)
+    return torch.mm(hidden.float(), weight.float().T, out=out)
+
+
+def _merge_splits(m, s, t, zy, with_entropy):
+    m_all = m.amax(dim=0)
+    scale = torch.exp(m - m_all)
+    s_all = (s * scale).sum(dim=0)
+    mean = (t * scale).sum(dim=0) / s_all if with_entropy else None
+    return m_all + torch.log(s_all), zy.sum(dim=0), mean
+
+
+def stats_from(hidden, weight, targets, inv_temp, with_entropy, logits=None):
+    """Per-row lse, target logit and mean logit (or None) of z = logits * inv_temp.
+
+    With ``logits`` ([C, V] raw logits of these rows, any float dtype) the kernel reads them;
+    without, it computes the tiles from hidden [C, D] and weight [V, D].
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    split_cols = _split_cols(n, vocab, hidden.device)
+    splits = triton.cdiv(vocab, split_cols)
+    m, s, t, zy = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    z = logits if logits is not None else m
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * splits,)
+
+    _launch("fwd", grid, hidden, weight, z, targets, m, s, t, zy,
+            n, vocab, d, hidden.stride(0), weight.stride(0), z.stride(0), inv_temp, splits, split_cols,
+            WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None)
+    return _merge_splits(m, s, t, zy, with_entropy)
+
+
+def dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean, grad_logp, grad_entropy,
+                 v_lo, v_hi, logits=None):
+    """dz [N, >= v_hi - v_lo] (input dtype) = gradient of the logits of columns [v_lo, v_hi).
+
+    grad_logp, grad_entropy (or None), lse and mean: fp32 [N]. With ``logits`` (raw logits of
+    these columns, [N, >= v_hi - v_lo]) the kernel reads them instead of recomputing the tiles.
+    """
+    n, d = hidden.shape
+    with_entropy = grad_entropy is not None
+    z = logits if logits is not None else dz
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),)
+
+    _launch("dz", grid, hidden, weight, z, targets, lse, mean if with_entropy else lse, grad_logp,
+            grad_entropy if with_entropy else grad_logp, dz,
+            n, v_lo, v_hi, d, hidden.stride(0), weight.stride(0), z.stride(0), dz.stride(0), inv_temp,
+            WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None)
+
+
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                   inv_temp: float, with_entropy: bool):
     """Triton counterpart of :func:`oapl_kernels.reference.forward_stats`.
 
     hidden [N, D] and weight [V, D] contiguous, same dtype; targets [N] int64 (-1: none).
     Returns fp32 lse [N], target_logit [N], mean_logit [N] (None unless with_entropy).
+    In 'gemm' mode the rows go in chunks whose fp32 logits fit ``workspace_bytes()``.
     """
-    n, d = hidden.shape
-    vocab = weight.shape[0]
-    split_cols = _split_cols(n, vocab, hidden.device)
-    splits = triton.cdiv(vocab, split_cols)
-    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
-    m, s, t, zy = part
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]) * splits,)
-
-    _launch("fwd", grid, hidden, weight, targets, m, s, t, zy,
-            n, vocab, d, hidden.stride(0), weight.stride(0), inv_temp, splits, split_cols,
-            WITH_ENTROPY=with_entropy, UPCAST=interpreting())
-    m_all = m.amax(dim=0)
-    scale = torch.exp(m - m_all)
-    s_all = (s * scale).sum(dim=0)
-    lse = m_all + torch.log(s_all)
-    mean = (t * scale).sum(dim=0) / s_all if with_entropy else None
-    return lse, zy.sum(dim=0), mean
+    if logits_mode(hidden.device) == "tile":
+        return stats_from(hidden, weight, targets, inv_temp, with_entropy)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    rows = max(16, min(n, workspace_bytes() // (4 * vocab)))
+    z = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
+    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        chunk = logits_into(z[: r1 - r0], hidden[r0:r1], weight)
+        for dst, src in zip(out, stats_from(hidden[r0:r1], weight, targets[r0:r1], inv_temp,
+                                            with_entropy, logits=chunk)):
+            if src is not None:
+                dst[r0:r1] = src
+    return out[0], out[1], out[2] if with_entropy else None
 
 
-def workspace_bytes() -> int:
-    """Bytes for the backward's logits-gradient chunk (env OAPL_WORKSPACE_MB, default 1024)."""
-    return int(float(os.environ.get("OAPL_WORKSPACE_MB", "1024")) * 2**20)
-
-
-def _accumulate_mm(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc32 += a @ b with fp32 accumulation, avoiding a 16-bit partial where torch allows it."""
+def accumulate_mm(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc32 += a @ b with fp32 accumulation (one cuBLAS call with an fp32 output on CUDA)."""
     if a.dtype == torch.float32:
         acc32.addmm_(a, b)
-        return
-    try:
+    elif a.is_cuda:
         torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)
-    except (RuntimeError, TypeError, NotImplementedError):
-        acc32.add_(a @ b)
+    else:
+        acc32.addmm_(a.float(), b.float())
 
 
 def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
              need_hidden: bool = True, need_weight: bool = True):
     """Gradients w.r.t. hidden [N, D] and weight [V, D], in their dtypes (None when not needed).
 
-    The vocabulary is walked in chunks of C columns, C chosen so the [N, C] logits-gradient
-    buffer fits ``workspace_bytes()``. For each chunk a Triton kernel recomputes the logits
-    tiles and writes dz (input dtype); then dW[chunk] = dz^T H (complete, one GEMM) and
-    dH += dz W[chunk] (fp32 accumulator).
+    The vocabulary is walked in chunks of C columns, C chosen so the chunk's buffers fit
+    ``workspace_bytes()``. For each chunk the logits are recomputed (a cuBLAS GEMM into the
+    workspace in 'gemm' mode, inside the kernel in 'tile' mode), a Triton kernel writes dz
+    (input dtype), then dW[chunk] = dz^T H (complete, one GEMM) and dH += dz W[chunk] (fp32).
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    with_entropy = grad_entropy is not None
-    chunk = max(256, workspace_bytes() // (n * hidden.element_size()))
+    gemm = logits_mode(hidden.device) == "gemm"
+    per_col = n * (hidden.element_size() + (4 if gemm else 0))
+    chunk = max(256, workspace_bytes() // per_col)
     chunk = min(vocab, triton.cdiv(chunk, 256) * 256)
     dz = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
+    z = torch.empty(n * chunk, dtype=torch.float32, device=hidden.device) if gemm else None
     d_hidden = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_hidden else None
     d_weight = torch.empty_like(weight) if need_weight else None
-    ge = grad_entropy if with_entropy else grad_logp
-    mean = mean_logit if with_entropy else lse
     for v_lo in range(0, vocab, chunk):
         v_hi = min(vocab, v_lo + chunk)
-        width = v_hi - v_lo
-
-        def grid(meta, width=width):
-            return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(width, meta["BLOCK_V"]),)
-
-        _launch("dz", grid, hidden, weight, targets, lse, mean, grad_logp, ge, dz,
-                n, v_lo, v_hi, d, hidden.stride(0), weight.stride(0), dz.stride(0), inv_temp,
-                WITH_ENTROPY=with_entropy, UPCAST=interpreting())
-        block = dz[:, :width]
+        z_view = z[: n * (v_hi - v_lo)].view(n, v_hi - v_lo) if gemm else None  # contiguous
+        logits = logits_into(z_view, hidden, weight[v_lo:v_hi]) if gemm else None
+        dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
+                     v_lo, v_hi, logits=logits)
+        block = dz[:, : v_hi - v_lo]
         if need_weight:
             torch.mm(block.T, hidden, out=d_weight[v_lo:v_hi])
         if need_hidden:
-            _accumulate_mm(d_hidden, block, weight[v_lo:v_hi])
+            accumulate_mm(d_hidden, block, weight[v_lo:v_hi])
     if need_hidden:
         d_hidden = d_hidden.to(hidden.dtype)
     return d_hidden, d_weight

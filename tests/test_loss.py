@@ -1,0 +1,192 @@
+"""optimal_values, oapl_loss and grpo_loss against float64 references of the whole loss."""
+import math
+
+import pytest
+import torch
+
+from oapl_kernels import OAPLLoss, grpo_loss, oapl_loss, optimal_values
+from reference64 import leaves, logprobs64, rel_err
+
+
+
+def _batch(b, t, d, vocab, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(b, t, d, generator=g) * 0.7).to(dtype)
+    weight = (torch.randn(vocab, d, generator=g) * 0.7).to(dtype)
+    targets = torch.randint(0, vocab, (b, t), generator=g)
+    inf_lp = -torch.rand(b, t, generator=g) * 4
+    rewards = torch.randint(0, 2, (b,), generator=g).float() + 0.1 * torch.randn(b, generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.35
+    mask[0] = False  # an empty completion
+    inf_lp[~mask] = float("nan")  # garbage off the mask must not leak
+    return hidden, weight, targets, inf_lp, rewards, mask
+
+
+def _oapl64(h, w, targets, inf_lp, rewards, mask, group, beta1, beta2, temperature, values=None):
+    lp, _ = logprobs64(h, w, torch.where(mask, targets, -100), temperature)
+    seq = lp.sum(1)
+    ref = torch.where(mask, inf_lp.double(), 0.0).sum(1)
+    r = rewards.double().view(-1, group)
+    v = beta1 * (torch.logsumexp(r / beta1, 1) - math.log(group)) if values is None else values.double()
+    v = v.repeat_interleave(group)
+    adv = rewards.double() - v
+    res = beta2 * (seq - ref) - adv
+    return res.square().mean(), v, adv, res
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+def test_oapl_loss_matches_float64(impl, group):
+    b = 2 * group if group > 1 else 3
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(b, 7, 19, 157, seed=group)
+    (h64, w64), (h, w) = leaves(hidden, weight)
+    out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=group, beta1=0.7, beta2=0.3,
+                    temperature=0.8, impl=impl)
+    out.loss.backward()
+    loss64, v64, adv64, res64 = _oapl64(h64, w64, targets, inf_lp, rewards, mask, group, 0.7, 0.3, 0.8)
+    loss64.backward()
+    assert torch.isfinite(out.loss)
+    assert rel_err(out.loss, loss64) <= 1e-5
+    assert rel_err(out.values, v64) <= 1e-6
+    assert rel_err(out.advantages, adv64) <= 1e-5
+    assert rel_err(out.residuals, res64) <= 1e-5
+    assert rel_err(h.grad, h64.grad) <= 1e-5
+    assert rel_err(w.grad, w64.grad) <= 1e-5
+    assert torch.all(out.logprobs[0] == 0) and out.logprobs.shape == targets.shape
+    assert not out.residuals.requires_grad and not out.logprobs.requires_grad
+
+
+def test_oapl_loss_bf16_float_mask_and_given_values(impl):
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(8, 6, 24, 130, seed=9, dtype=torch.bfloat16)
+    values = torch.tensor([0.3, -0.2])
+    (h64, w64), (h, w) = leaves(hidden, weight)
+    out = oapl_loss(h, w, targets, inf_lp, rewards, mask.float(), group_size=4, beta1=1.0, beta2=0.1,
+                    values=values, impl=impl)
+    out.loss.backward()
+    loss64, *_ = _oapl64(h64, w64, targets, inf_lp, rewards, mask, 4, 1.0, 0.1, 1.0, values=values)
+    loss64.backward()
+    assert rel_err(out.loss, loss64) <= 1e-4
+    assert torch.equal(out.values, values.repeat_interleave(4))
+    assert h.grad.dtype == torch.bfloat16
+    assert rel_err(h.grad, h64.grad) <= 2e-2 and rel_err(w.grad, w64.grad) <= 2e-2
+    with pytest.raises(ValueError, match="values"):
+        oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=4, beta1=1.0, beta2=0.1,
+                  values=torch.zeros(3), impl=impl)
+
+
+def test_metrics():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 5, 8, 40, seed=1)
+    out = oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
+    lp, ent = logprobs64(hidden, weight, torch.where(mask, targets, -100))
+    ratio = (lp - torch.where(mask, inf_lp.double(), 0.0)).sum(1).mean()
+    assert abs(out.seq_logratio_mean.item() - ratio.item()) < 1e-4
+    assert abs(out.entropy_mean.item() - (ent.sum() / mask.sum()).item()) < 1e-4
+
+
+def test_gradient_is_one_coefficient_per_sequence():
+    """d loss / d logp_t = mask_t * 2 * beta2 * res_i / B: the same for all tokens of a sequence."""
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 6, 8, 30, seed=4)
+    captured = {}
+    import oapl_kernels.logprobs as lp_mod
+
+    original = lp_mod._LinearLogprobs.backward
+
+    def spy(ctx, g_lp, g_ent):
+        captured["g"] = g_lp.clone()
+        return original(ctx, g_lp, g_ent)
+
+    lp_mod._LinearLogprobs.backward = staticmethod(spy)
+    try:
+        h = hidden.clone().requires_grad_()
+        out = oapl_loss(h, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.2)
+        out.loss.backward()
+    finally:
+        lp_mod._LinearLogprobs.backward = staticmethod(original)
+    coef = 2 * 0.2 * out.residuals / 4
+    expected = coef[:, None].expand(4, 6)[mask]  # kept rows, in order
+    assert torch.allclose(captured["g"], expected, atol=1e-7)
+
+
+def test_optimal_values_stable_and_limits():
+    r = torch.tensor([5000.0, 4999.0, 0.0, 1.0])
+    v = optimal_values(r, group_size=4, beta1=1.0)
+    assert torch.isfinite(v).all()
+    assert abs(v.item() - (5000 + math.log((1 + math.exp(-1)) / 4))) < 1e-3
+    r = torch.randn(6, 8)
+    assert torch.allclose(optimal_values(r, group_size=8, beta1=1e4), r.mean(1), atol=1e-3)
+    assert torch.allclose(optimal_values(r, group_size=8, beta1=1e-3), r.max(1).values, atol=3e-3)
+    assert torch.allclose(optimal_values(r.reshape(-1), group_size=8, beta1=0.5),
+                          optimal_values(r, group_size=8, beta1=0.5))
+    # Jensen: mean <= V* <= max for any beta1.
+    v = optimal_values(r, group_size=8, beta1=0.3)
+    assert torch.all(v >= r.mean(1) - 1e-6) and torch.all(v <= r.max(1).values + 1e-6)
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"beta1": 0.0}, "beta1"), ({"beta2": -1.0}, "beta2"), ({"group_size": 3}, "multiple of group_size"),
+])
+def test_oapl_bad_arguments(kwargs, word):
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    args = {"group_size": 2, "beta1": 1.0, "beta2": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, **args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rewards_name_the_index(bad):
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    rewards[2] = bad
+    with pytest.raises(ValueError, match=r"rewards\[2\]"):
+        oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
+    with pytest.raises(ValueError, match=r"rewards\[2\]"):
+        optimal_values(rewards, group_size=2, beta1=1.0)
+
+
+@pytest.mark.parametrize("which", ["targets", "inference_logprobs", "mask", "rewards"])
+def test_shape_mismatches(which):
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    args = {"targets": targets, "inference_logprobs": inf_lp, "mask": mask, "rewards": rewards}
+    args[which] = args[which][:2]
+    with pytest.raises(ValueError, match=which):
+        oapl_loss(hidden, weight, args["targets"], args["inference_logprobs"], args["rewards"], args["mask"],
+                  group_size=2, beta1=1.0, beta2=0.1)
+
+
+def test_module_form():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    mod = OAPLLoss(beta1=1.0, beta2=0.1, group_size=2)
+    a = mod(hidden, weight, targets, inf_lp, rewards, mask)
+    b = oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
+    assert torch.equal(a.loss, b.loss)
+    assert "beta2=0.1" in repr(mod)
+
+
+def _grpo64(h, w, targets, inf_lp, old, rewards, mask, group, eps, tis_cap, temperature):
+    lp, _ = logprobs64(h, w, torch.where(mask, targets, -100), temperature)
+    r = rewards.double().view(-1, group)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).reshape(-1, 1)
+    ref = torch.where(mask, inf_lp.double(), 0.0)
+    old = ref if old is None else torch.where(mask, old.double(), 0.0)
+    ratio = torch.exp(lp - old)
+    sur = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    if tis_cap is not None:
+        sur = sur * torch.exp(old - ref).clamp(max=tis_cap)
+    return -(sur * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("with_old", [False, True])
+def test_grpo_matches_float64(impl, with_old):
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 5, 12, 77, seed=21)
+    # make the ratio straddle the clip range on some tokens
+    lp, _ = logprobs64(hidden, weight, torch.where(mask, targets, -100), 0.9)
+    g = torch.Generator().manual_seed(0)
+    inf_lp = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), float("nan"))
+    old = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), 0.0) if with_old else None
+    (h64, w64), (h, w) = leaves(hidden, weight)
+    out = grpo_loss(h, w, targets, inf_lp, rewards, mask, group_size=3, clip_eps=0.2, temperature=0.9,
+                    old_logprobs=old, tis_cap=2.0, impl=impl)
+    out.loss.backward()
+    loss64 = _grpo64(h64, w64, targets, inf_lp, old, rewards, mask, 3, 0.2, 2.0, 0.9)
+    loss64.backward()
+    assert abs(out.loss.item() - loss64.item()) <= 1e-6  # a sum of cancelling terms: absolute
+    assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(w.grad, w64.grad) <= 1e-5
+    assert 0 < out.clip_frac.item() < 1
