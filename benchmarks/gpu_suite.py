@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import os
 import sys
 import time
 import traceback
@@ -97,17 +99,19 @@ def loss_correctness(b=64, t=96, d=1024, v=32003, group=8):
     rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
     mask = torch.rand(b, t, device="cuda", generator=g) > 0.3
     out = {}
-    for impl in ("triton", "torch"):
+    for impl, fused in (("triton", True), ("triton", False), ("torch", False)):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         res = oapl_loss(hh, ww, y, inf_lp, rewards, mask, group_size=group, beta1=1.0, beta2=0.05,
-                        temperature=0.9, impl=impl)
+                        temperature=0.9, impl=impl, fused=fused)
         res.loss.backward()
-        out[impl] = (res.loss.detach(), hh.grad, ww.grad)
-    errs = [_rel(a, b) for a, b in zip(out["triton"], out["torch"])]
-    row = {"B": b, "T": t, "D": d, "V": v, "loss": errs[0], "dH": errs[1], "dW": errs[2],
-           "ok": errs[0] < 1e-3 and errs[1] < 3e-2 and errs[2] < 3e-2}
-    print(f"  oapl_loss triton vs torch: {row}", flush=True)
-    return row
+        out[impl, fused] = (res.loss.detach(), hh.grad, ww.grad)
+    rows = []
+    for fused in (True, False):
+        errs = [_rel(a, b) for a, b in zip(out["triton", fused], out["torch", False])]
+        rows.append({"B": b, "T": t, "D": d, "V": v, "fused": fused, "loss": errs[0], "dH": errs[1], "dW": errs[2],
+                     "ok": errs[0] < 1e-3 and errs[1] < 3e-2 and errs[2] < 3e-2})
+        print(f"  oapl_loss triton vs torch: {rows[-1]}", flush=True)
+    return rows
 
 
 def _time(fn, reps=5, warmup=2):
@@ -137,9 +141,21 @@ def _naive(h, w, y):
     return torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, y[:, None])[:, 0]
 
 
+def _with_mode(mode, fn):
+    """fn run with OAPL_LOGITS=mode ('gemm': cuBLAS logits into a workspace; 'tile': in-kernel)."""
+    def run(*args, **kwargs):
+        os.environ["OAPL_LOGITS"] = mode
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.environ.pop("OAPL_LOGITS")
+    return run
+
+
 def _methods():
     """name -> fn(h, w, y) returning per-token log-probs [N] (differentiable), or a skip reason."""
-    methods = {"oapl triton": lambda h, w, y: linear_logprobs(h, w, y, impl="triton"),
+    methods = {"oapl triton (gemm)": _with_mode("gemm", lambda h, w, y: linear_logprobs(h, w, y, impl="triton")),
+               "oapl triton (tile)": _with_mode("tile", lambda h, w, y: linear_logprobs(h, w, y, impl="triton")),
                "naive torch": _naive}
     try:
         methods["naive torch.compile"] = torch.compile(_naive)
@@ -212,17 +228,102 @@ def bench(shapes, reps):
     return rows
 
 
-def _markdown(env, corr, loss_row, rows):
+def _oapl_from_token_logprobs(logp, inf_lp, rewards, group, beta1=1.0, beta2=0.05):
+    """The OAPL loss in plain torch from token log-probs [B, T] (all tokens on the mask)."""
+    r = rewards.view(-1, group)
+    v = beta1 * (torch.logsumexp(r / beta1, 1) - math.log(group))
+    res = beta2 * (logp.sum(1) - inf_lp.sum(1)) - (rewards - v.repeat_interleave(group))
+    return res.square().mean()
+
+
+def _loss_methods():
+    """name -> fn(h [B, T, D], w, y [B, T], inf_lp, rewards) returning the OAPL loss, or a skip reason."""
+    def ours(fused, mode, workspace_mb=None):
+        def run(h, w, y, inf_lp, rewards):
+            if workspace_mb:
+                os.environ["OAPL_WORKSPACE_MB"] = str(workspace_mb)
+            try:
+                return oapl_loss(h, w, y, inf_lp, rewards, torch.ones_like(y, dtype=torch.bool), group_size=8,
+                                 beta1=1.0, beta2=0.05, fused=fused, impl="triton").loss
+            finally:
+                os.environ.pop("OAPL_WORKSPACE_MB", None)
+        return _with_mode(mode, run)
+
+    def via_token_logprobs(fn):
+        def run(h, w, y, inf_lp, rewards):
+            logp = fn(h.reshape(-1, h.shape[-1]), w, y.reshape(-1)).view(y.shape)
+            return _oapl_from_token_logprobs(logp, inf_lp, rewards, 8)
+        return run
+
+    methods = {"oapl_loss fused (gemm)": ours(True, "gemm"),
+               "oapl_loss fused (gemm, 8 GiB workspace)": ours(True, "gemm", 8192),
+               "oapl_loss unfused (gemm)": ours(False, "gemm"),
+               "oapl_loss unfused (tile)": ours(False, "tile"),
+               "naive torch": via_token_logprobs(_naive)}
+    try:
+        import peers
+
+        tiny = _inputs(8, 64, 128)
+        peers.liger_logprobs(*tiny)
+        methods["liger logprobs + torch loss"] = via_token_logprobs(peers.liger_logprobs)
+    except ImportError as exc:
+        methods["liger logprobs + torch loss"] = f"not installed: {exc}"
+    return methods
+
+
+def bench_loss(shapes, reps):
+    """oapl_loss fwd+bwd at B x T tokens: fused vs unfused vs token log-probs from others."""
+    rows = []
+    methods = _loss_methods()
+    for b, t, d, v in shapes:
+        h, w, y = _inputs(b * t, d, v, seed=6)
+        h, y = h.view(b, t, d), y.view(b, t)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
+        rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+        floor_ms = None
+        for name, fn in methods.items():
+            row = {"B": b, "T": t, "D": d, "V": v, "method": name}
+            if isinstance(fn, str):
+                rows.append({**row, "skipped": fn})
+                continue
+            try:
+                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+                base = torch.cuda.memory_allocated()
+
+                def fwd_bwd():
+                    hh.grad = ww.grad = None
+                    fn(hh, ww, y, inf_lp, rewards).backward()
+
+                row["fwd_bwd_ms"] = _time(fwd_bwd, reps=reps)
+                hh.grad = ww.grad = None
+                torch.cuda.empty_cache()
+                row["peak_gib_above_inputs"] = _peak_above(fwd_bwd, base)
+                row["tflops_4gemm"] = 8.0 * b * t * d * v / row["fwd_bwd_ms"] / 1e9
+            except torch.OutOfMemoryError:
+                row["skipped"] = "out of memory"
+            except Exception as exc:  # noqa: BLE001
+                row["skipped"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            hh = ww = None
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"    {row}", flush=True)
+        del h, w, y
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _markdown(env, corr, loss_rows, rows, loss_bench):
     out = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; "
            f"autotuned configs: {env.get('configs')}", "",
            "### Correctness (max abs error / max abs reference)", "",
-           "| N | D | V | reference | logp | entropy | dH | dW | ok |", "|---|---|---|---|---|---|---|---|---|"]
+           "| logits | N | D | V | reference | logp | entropy | dH | dW | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in corr:
-        out.append(f"| {r['N']} | {r['D']} | {r['V']} | {r['reference']} | {r['logp']:.1e} | {r['entropy']:.1e} "
+        out.append(f"| {r['mode']} | {r['N']} | {r['D']} | {r['V']} | {r['reference']} | {r['logp']:.1e} | {r['entropy']:.1e} "
                    f"| {r['dH']:.1e} | {r['dW']:.1e} | {r['ok']} |")
-    out += ["", f"oapl_loss Triton vs torch path (B={loss_row['B']}, T={loss_row['T']}, D={loss_row['D']}, "
-            f"V={loss_row['V']}): loss {loss_row['loss']:.1e}, dH {loss_row['dH']:.1e}, dW {loss_row['dW']:.1e}, "
-            f"ok={loss_row['ok']}", "",
+    out += [""] + [f"oapl_loss Triton (fused={r['fused']}) vs torch path (B={r['B']}, T={r['T']}, D={r['D']}, "
+                   f"V={r['V']}): loss {r['loss']:.1e}, dH {r['dH']:.1e}, dW {r['dW']:.1e}, ok={r['ok']}"
+                   for r in loss_rows] + ["",
             "### Speed and memory (bf16, fwd+bwd of per-token log-probs)", "",
             "| N | D | V | method | fwd ms | fwd+bwd ms | TFLOP/s | x 4-GEMM floor | peak GiB above inputs |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -232,6 +333,15 @@ def _markdown(env, corr, loss_row, rows):
         else:
             out.append(f"| {r['N']} | {r['D']} | {r['V']} | {r['method']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} "
                        f"| {r['tflops']:.0f} | {r['x_floor']:.2f} | {r['peak_gib_above_inputs']:.2f} |")
+    out += ["", "### oapl_loss fwd+bwd (bf16; B sequences x T tokens, all on the mask, group 8)", "",
+            "| B | T | D | V | method | fwd+bwd ms | 4-GEMM-equivalent TFLOP/s | peak GiB above inputs |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in loss_bench:
+        if "skipped" in r:
+            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['method']} | skipped: {r['skipped']} | | |")
+        else:
+            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['method']} | {r['fwd_bwd_ms']:.1f} "
+                       f"| {r['tflops_4gemm']:.0f} | {r['peak_gib_above_inputs']:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -252,27 +362,30 @@ def main():
     small = [(1, 64, 1000), (257, 128, 5003), (1000, 96, 32771)]
     big = [(4096, 4096, 151936), (32768, 4096, 151936)]
     bench_shapes = [(4096, 4096, 32000), (8192, 4096, 151936), (32768, 4096, 151936)]
+    loss_shapes = [(16, 512, 4096, 151936), (64, 512, 4096, 151936)]
     if args.quick:
-        big, bench_shapes = [], [(4096, 2048, 32000)]
+        big, bench_shapes, loss_shapes = [], [(4096, 2048, 32000)], [(8, 512, 2048, 32000)]
     t0 = time.time()
     result = {"env": env}
     try:
-        result["correctness"] = correctness(small + big)
+        result["correctness"] = [dict(r, mode="gemm") for r in _with_mode("gemm", correctness)(small + big)]
+        result["correctness"] += [dict(r, mode="tile") for r in _with_mode("tile", correctness)(small + big[:1])]
         result["loss"] = loss_correctness()
-        env["configs"] = {k: str(getattr(launch._autotuned(k), "best_config", None)) for k in ("fwd", "dz")}
         result["bench"] = bench(bench_shapes, args.reps)
-        env["configs"] = {k: str(getattr(launch._autotuned(k), "best_config", None)) for k in ("fwd", "dz")}
+        result["loss_bench"] = bench_loss(loss_shapes, args.reps)
+        env["configs"] = {k: str(getattr(launch._autotuned(k, False), "best_config", None)) for k in ("fwd", "dz")}
     except Exception:  # noqa: BLE001 - keep what was measured
         result["error"] = traceback.format_exc()
         print(result["error"], flush=True)
     result["seconds"] = round(time.time() - t0, 1)
     (out / "gpu_suite.json").write_text(json.dumps(result, indent=1))
     if "bench" in result:
-        md = _markdown(env, result["correctness"], result["loss"], result["bench"])
+        md = _markdown(env, result["correctness"], result["loss"], result["bench"], result.get("loss_bench", []))
         (out / "gpu_suite.md").write_text(md)
         print(md)
     print(f"gpu suite: {result['seconds']} s", flush=True)
-    sys.exit(1 if "error" in result or not all(r["ok"] for r in result["correctness"]) else 0)
+    ok = all(r["ok"] for r in result.get("correctness", []) + result.get("loss", []))
+    sys.exit(1 if "error" in result or not ok else 0)
 
 
 if __name__ == "__main__":

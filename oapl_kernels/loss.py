@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import linear_logprobs
+from .fused import FusedOAPL
+from .logprobs import check_inputs, linear_logprobs, resolve_impl
 
 _IGNORE = -100
 
@@ -113,15 +114,34 @@ def _token_logprobs(hidden, weight, targets, mask, temperature, impl):
     return logp, ent, m
 
 
-def _masked_ref(inference_logprobs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Sampler log-probs in fp32 with everything off the mask (NaN included) set to 0."""
-    return torch.where(m, inference_logprobs.float(), torch.zeros((), device=m.device))
+def _masked_ref(inference_logprobs: torch.Tensor, m: torch.Tensor, name: str = "inference_logprobs") -> torch.Tensor:
+    """Sampler log-probs in fp32 with everything off the mask (NaN included) set to 0; a
+    non-finite value on the mask raises, naming its index."""
+    ref = torch.where(m, inference_logprobs.float(), torch.zeros((), device=m.device))
+    _check_finite(name, ref)
+    return ref
+
+
+def _fused_oapl(hidden, weight, targets, m, seq_ref, adv, beta2, temperature, impl):
+    """(loss, logp [B, T], entropy [B, T], residuals [B]) through :class:`FusedOAPL`."""
+    tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
+    check_inputs(hidden, weight, tgt, temperature, _IGNORE)
+    impl = resolve_impl(impl, hidden.device)
+    rows = m.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    lengths = m.sum(dim=1).tolist()
+    loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows], lengths, seq_ref, adv,
+                                               float(beta2), 1.0 / float(temperature), impl)
+    logp = logp_k.new_zeros(m.numel()).index_put_((rows,), logp_k).view(m.shape)
+    ent = ent_k.new_zeros(m.numel()).index_put_((rows,), ent_k).view(m.shape)
+    return loss, logp, ent, res
 
 
 def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, beta1: float, beta2: float, temperature: float = 1.0,
-              values: torch.Tensor | None = None, impl: str = "auto") -> LossOutput:
+              values: torch.Tensor | None = None, impl: str = "auto", fused: bool = True) -> LossOutput:
     """OAPL loss mean_i (beta2 * (log pi_theta(y_i) - log pi_vllm(y_i)) - A_i)^2, fused.
 
     Args:
@@ -139,6 +159,9 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         temperature: sampling temperature (logits are divided by it).
         values: optional precomputed V*, [B // group_size] or [B] (offline data).
         impl: "auto", "torch" or "triton" (see :func:`linear_logprobs`).
+        fused: when a gradient is needed, finish it inside the forward, whole sequences at a
+            time (3 GEMM-equivalents instead of 4; see :mod:`oapl_kernels.fused`); the backward
+            then only scales the stored dH and dW. False: forward, then a recomputing backward.
 
     Returns:
         :class:`LossOutput`; ``loss`` differentiable w.r.t. hidden and weight.
@@ -148,8 +171,7 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not beta2 > 0:
         raise ValueError(f"beta2 must be > 0, got {beta2}")
     _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
-    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl)
-    seq_logp = logp.sum(dim=1)
+    m = mask.bool() if mask.dtype != torch.bool else mask
     seq_ref = _masked_ref(inference_logprobs, m).sum(dim=1)
     r = rewards.float()
     if values is None:
@@ -162,9 +184,15 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         elif v.numel() != r.numel():
             raise ValueError(f"values must be [B // group_size] or [B], got shape {tuple(values.shape)}")
     adv = r - v
-    logratio = seq_logp - seq_ref
-    res = beta2 * logratio - adv
-    loss = res.square().mean()
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if fused and needs_grad:
+        loss, logp, ent, res = _fused_oapl(hidden, weight, targets, m, seq_ref, adv, beta2, temperature, impl)
+        logratio = (res + adv) / beta2
+    else:
+        logp, ent, m = _token_logprobs(hidden, weight, targets, m, temperature, impl)
+        logratio = logp.sum(dim=1) - seq_ref
+        res = beta2 * logratio - adv
+        loss = res.square().mean()
     n_tok = m.sum().clamp(min=1)
     return LossOutput(
         loss=loss, logprobs=logp.detach(), advantages=adv, values=v, residuals=res.detach(),
@@ -202,7 +230,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
     adv, mean = adv.reshape(-1), mean.expand_as(r).reshape(-1)
     ref = _masked_ref(inference_logprobs, m)
-    old = ref if old_logprobs is None else _masked_ref(old_logprobs, m)
+    old = ref if old_logprobs is None else _masked_ref(old_logprobs, m, "old_logprobs")
     ratio = torch.exp(logp - old)
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)

@@ -35,12 +35,13 @@ def _oapl64(h, w, targets, inf_lp, rewards, mask, group, beta1, beta2, temperatu
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 8])
-def test_oapl_loss_matches_float64(impl, group):
+@pytest.mark.parametrize("fused", [True, False])
+def test_oapl_loss_matches_float64(impl, group, fused):
     b = 2 * group if group > 1 else 3
     hidden, weight, targets, inf_lp, rewards, mask = _batch(b, 7, 19, 157, seed=group)
     (h64, w64), (h, w) = leaves(hidden, weight)
     out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=group, beta1=0.7, beta2=0.3,
-                    temperature=0.8, impl=impl)
+                    temperature=0.8, impl=impl, fused=fused)
     out.loss.backward()
     loss64, v64, adv64, res64 = _oapl64(h64, w64, targets, inf_lp, rewards, mask, group, 0.7, 0.3, 0.8)
     loss64.backward()
@@ -73,6 +74,33 @@ def test_oapl_loss_bf16_float_mask_and_given_values(impl):
                   values=torch.zeros(3), impl=impl)
 
 
+def test_fused_in_many_chunks(impl, monkeypatch):
+    """A workspace of ~3 rows: chunks of one or two sequences, and sequences longer than the
+    budget get a chunk of their own; the result is unchanged, and scales with grad_output."""
+    monkeypatch.setenv("OAPL_WORKSPACE_MB", str(3 * 157 * 8 / 2**20))
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 7, 19, 157, seed=8)
+    mask[3] = False
+    mask[4, :2] = True
+    inf_lp[4, :2] = -1.5
+    (h64, w64), (h, w) = leaves(hidden, weight)
+    out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=3, beta1=1.0, beta2=0.2, impl=impl)
+    (3.0 * out.loss).backward()
+    loss64, *_ = _oapl64(h64, w64, targets, inf_lp, rewards, mask, 3, 1.0, 0.2, 1.0)
+    (3.0 * loss64).backward()
+    assert rel_err(out.loss, loss64) <= 1e-5
+    assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(w.grad, w64.grad) <= 1e-5
+
+
+def test_fused_only_when_a_gradient_is_needed():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 5, 8, 40, seed=1)
+    with torch.no_grad():
+        a = oapl_loss(hidden.requires_grad_(), weight, targets, inf_lp, rewards, mask, group_size=2,
+                      beta1=1.0, beta2=0.1)
+    b = oapl_loss(hidden.detach(), weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
+    assert not a.loss.requires_grad and not b.loss.requires_grad
+    assert torch.allclose(a.loss, b.loss)
+
+
 def test_metrics():
     hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 5, 8, 40, seed=1)
     out = oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
@@ -97,7 +125,8 @@ def test_gradient_is_one_coefficient_per_sequence():
     lp_mod._LinearLogprobs.backward = staticmethod(spy)
     try:
         h = hidden.clone().requires_grad_()
-        out = oapl_loss(h, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.2)
+        out = oapl_loss(h, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.2,
+                        fused=False)
         out.loss.backward()
     finally:
         lp_mod._LinearLogprobs.backward = staticmethod(original)
@@ -139,6 +168,14 @@ def test_non_finite_rewards_name_the_index(bad):
         oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
     with pytest.raises(ValueError, match=r"rewards\[2\]"):
         optimal_values(rewards, group_size=2, beta1=1.0)
+
+
+def test_non_finite_inference_logprobs_on_the_mask():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    mask[1, 2] = True
+    inf_lp[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"inference_logprobs\[1, 2\]"):
+        oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
 
 
 @pytest.mark.parametrize("which", ["targets", "inference_logprobs", "mask", "rewards"])
