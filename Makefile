@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	mkdir -p results
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=results/bench.json
+	$(PY) -m benchmarks.report results/bench.json
 
 # On a CUDA machine with torch and triton installed (no venv): the one-call GPU suite.
 gpu-suite:

@@ -8,14 +8,18 @@ dH and dW are kept, and the backward only scales them by the incoming scalar gra
 is exact as long as the OAPL loss is what gets differentiated; a caller who adds other
 per-token terms uses :func:`oapl_kernels.linear_logprobs` (the recompute path).
 
-Each chunk's raw logits live in a workspace of about ``workspace_bytes()`` ([rows, V] fp32 and
-its gradient); a chunk holds at least one whole sequence, so a sequence longer than the
-budget gets a chunk of its own.
+Each chunk's raw logits live in a workspace ([rows, V] fp32 and its gradient) of
+``launch.workspace_bytes()`` (env OAPL_WORKSPACE_MB; 2 GiB by default) on the Triton path and
+of the chunked PyTorch path's 64 MiB on the CPU unless that variable is set. A chunk holds at
+least one whole sequence, so a sequence longer than the budget gets a chunk of its own.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from . import reference
 from .triton import launch
 
 
@@ -31,18 +35,23 @@ def _chunks(lengths: list[int], max_rows: int):
     yield s0, len(lengths), r0, r0 + rows
 
 
-def _torch_stats(z, targets, inv_temp):
+def _torch_stats(z, targets, inv_temp, p_out):
+    """From raw logits z [C, V] (clobbered): lse, target logit, mean logit [C], and the
+    probabilities written to p_out [C, V]. One exp pass."""
     z = z.mul_(inv_temp)
-    lse = torch.logsumexp(z, dim=1)
+    top = z.amax(dim=1)
+    p = torch.sub(z, top[:, None], out=p_out).exp_()
+    total = p.sum(dim=1)
     zy = z.gather(1, targets[:, None])[:, 0]
-    mean = (torch.softmax(z, dim=1) * z).sum(dim=1)
-    return lse, zy, mean
+    mean = z.mul_(p).sum(dim=1) / total
+    p.div_(total[:, None])
+    return top + torch.log(total), zy, mean, p
 
 
-def _torch_dlogits(z, targets, lse, g, inv_temp):
-    """z holds z * inv_temp (from _torch_stats); becomes dz = inv_temp * g (1[v=y] - p) in place."""
-    dz = z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
-    dz[torch.arange(len(targets), device=z.device), targets] += g
+def _torch_dlogits(p, targets, g, inv_temp):
+    """p [C, V] becomes dz = inv_temp * g (1[v=y] - p) in place."""
+    dz = p.mul_(-g[:, None])
+    dz[torch.arange(len(targets), device=p.device), targets] += g
     return dz.mul_(inv_temp)
 
 
@@ -61,9 +70,11 @@ class FusedOAPL(torch.autograd.Function):
         n_seq = len(lengths)
         dev = hidden.device
         triton_path = impl == "triton"
-        grad_dtype = hidden.dtype if triton_path else torch.float32
+        grad_dtype = hidden.dtype if triton_path else torch.float32  # dz, or the torch path's p
         per_row = vocab * (4 + torch.finfo(grad_dtype).bits // 8)
-        max_rows = max(1, launch.workspace_bytes() // per_row)
+        budget = (launch.workspace_bytes() if triton_path or "OAPL_WORKSPACE_MB" in os.environ
+                  else reference.DEFAULT_WORKSPACE_BYTES)
+        max_rows = max(1, budget // per_row)
         seq_of_row = torch.repeat_interleave(torch.arange(n_seq, device=dev),
                                              torch.tensor(lengths, device=dev), output_size=k)
         logp = torch.empty(k, dtype=torch.float32, device=dev)
@@ -73,7 +84,7 @@ class FusedOAPL(torch.autograd.Function):
         d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         rows_max = min(k, max(max_rows, max(lengths, default=0)))
         z_buf = torch.empty(rows_max * vocab, dtype=torch.float32, device=dev)
-        dz_buf = torch.empty(rows_max * vocab, dtype=grad_dtype, device=dev) if triton_path else None
+        dz_buf = torch.empty(rows_max * vocab, dtype=grad_dtype, device=dev)
         w32 = weight if triton_path else weight.float()
         for s0, s1, r0, r1 in _chunks(lengths, max_rows):
             if r1 == r0:
@@ -81,10 +92,11 @@ class FusedOAPL(torch.autograd.Function):
                 continue
             h, y, c = hidden[r0:r1], targets[r0:r1], r1 - r0
             z = launch.logits_into(z_buf[: c * vocab].view(c, vocab), h, weight)
+            dz = dz_buf[: c * vocab].view(c, vocab)
             if triton_path:
                 lse, zy, mean = launch.stats_from(h, weight, y, inv_temp, True, logits=z)
             else:
-                lse, zy, mean = _torch_stats(z, y, inv_temp)
+                lse, zy, mean, probs = _torch_stats(z, y, inv_temp, dz)
             logp[r0:r1] = zy - lse
             entropy[r0:r1] = lse - mean
             local = seq_of_row[r0:r1] - s0
@@ -92,12 +104,11 @@ class FusedOAPL(torch.autograd.Function):
             res[s0:s1] = beta2 * (seq_sum - ref_sums[s0:s1]) - advantages[s0:s1]
             g = (2.0 * beta2 / n_seq) * res[s0:s1][local]
             if triton_path:
-                dz = dz_buf[: c * vocab].view(c, vocab)
                 launch.dlogits_into(dz, h, weight, y, inv_temp, lse, None, g, None, 0, vocab, logits=z)
                 torch.mm(dz, weight, out=d_hidden[r0:r1])
                 launch.accumulate_mm(d_weight, dz.T, h)
             else:
-                dz = _torch_dlogits(z, y, lse, g, inv_temp)
+                dz = _torch_dlogits(probs, y, g, inv_temp)
                 d_hidden[r0:r1] = dz @ w32
                 d_weight.addmm_(dz.T, h.float())
         ctx.grads = (d_hidden, d_weight.to(weight.dtype))

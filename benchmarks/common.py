@@ -1,0 +1,342 @@
+"""Shared pieces of the benchmark suites: shapes, inputs, the naive baselines, the cases, checks
+and peak-memory measurement.
+
+Shape sets: ``pytest --benchmark-disable`` (what ``make test`` runs) and ``OAPL_BENCH_FAST=1``
+use tiny shapes so every case runs in well under a second and still checks its result against
+a float64 reference; ``make bench`` (``--benchmark-only``) uses the real shapes of the device.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from oapl_kernels import linear_logprobs, oapl_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GROUP_SIZE, BETA1, BETA2 = 4, 1.0, 0.05
+OPS = ("logprobs_fwd", "logprobs_fwdbwd", "oapl_fwdbwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark shape: N = batch * seq tokens of hidden size D over a vocabulary V."""
+
+    batch: int
+    seq: int
+    d: int
+    v: int
+    dtype: str = "fp32"
+
+    @property
+    def n(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def id(self) -> str:
+        return f"N{self.n}-D{self.d}-V{self.v}-{self.dtype}"
+
+
+# Tiny shapes: V not a multiple of any chunk or block, groups of GROUP_SIZE rows.
+FAST_SHAPES = [Shape(8, 8, 32, 1000)]
+CPU_SHAPES = [Shape(4, 512, 128, 32000), Shape(8, 512, 64, 65536)]
+CUDA_SHAPES = [Shape(8, 1024, 4096, 32000, "bf16"), Shape(8, 1024, 4096, 151936, "bf16"),
+               Shape(32, 1024, 4096, 151936, "bf16")]
+
+
+def fast_mode(config: pytest.Config) -> bool:
+    """True under --benchmark-disable (make test) or OAPL_BENCH_FAST=1: tiny shapes only."""
+    return bool(config.getoption("benchmark_disable")) or os.environ.get("OAPL_BENCH_FAST") == "1"
+
+
+def device() -> torch.device:
+    """The device the suites run on: CUDA when present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    """The GPU's name on CUDA (e.g. for the reports), else "cpu"."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def impls(op: str, dev: torch.device) -> list[str]:
+    """Implementations benchmarked for ``op`` on ``dev``; the Triton interpreter is never used."""
+    ours = ["triton", "torch"] if dev.type == "cuda" else ["torch"]
+    peers = ["liger", "cce"] if dev.type == "cuda" and op.startswith("logprobs") else []
+    return ours + ["naive", "naive-compile"] + peers
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``shape`` and ``impl`` from the mode and the device (imported by the suites)."""
+    if "shape" not in metafunc.fixturenames:
+        return
+    dev = device()
+    shapes = FAST_SHAPES if fast_mode(metafunc.config) else (CUDA_SHAPES if dev.type == "cuda" else CPU_SHAPES)
+    metafunc.parametrize("shape", shapes, ids=[s.id for s in shapes])
+    if "impl" in metafunc.fixturenames:
+        metafunc.parametrize("impl", impls(metafunc.function.__name__.removeprefix("test_"), dev))
+
+
+def make_inputs(shape: Shape, dev: torch.device, seed: int = 0) -> dict:
+    """Random inputs with logits ~ N(0, 1): hidden [B, T, D], weight [V, D], targets, OAPL extras."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[shape.dtype]
+    b, t = shape.batch, shape.seq
+    hidden = torch.randn(b, t, shape.d, generator=g).to(dev, dt)
+    weight = (torch.randn(shape.v, shape.d, generator=g) / math.sqrt(shape.d)).to(dev, dt)
+    targets = torch.randint(0, shape.v, (b, t), generator=g).to(dev)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[:, : t // 4] = False  # a prompt prefix outside the completion
+    return {
+        "hidden": hidden, "weight": weight, "targets": targets,
+        "grad": torch.randn(b, t, generator=g).to(dev),  # upstream gradient of the log-probs
+        "inference_logprobs": (-torch.rand(b, t, generator=g) * 5).to(dev),
+        "rewards": torch.randint(0, 2, (b,), generator=g).float().to(dev),
+        "mask": mask.to(dev),
+    }
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Materialized logits h @ w.T, upcast to fp32 when the inputs are 16-bit (fp64 stays fp64)."""
+    z = h @ w.T
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def naive_logprobs(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The baseline: materialized logits, fp32 log_softmax, gather."""
+    return torch.log_softmax(_logits(h, w), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_oapl(h, w, y, inference_logprobs, rewards, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """OAPL loss with materialized logits; also the mean entropy, as ``oapl_loss`` reports it."""
+    logp_all = torch.log_softmax(_logits(h, w), dim=-1)
+    logp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask
+    with torch.no_grad():
+        entropy_mean = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
+    r = rewards.view(-1, GROUP_SIZE)
+    values = BETA1 * (torch.logsumexp(r / BETA1, dim=1) - math.log(GROUP_SIZE))
+    adv = rewards - values.repeat_interleave(GROUP_SIZE)
+    res = BETA2 * (logp.sum(1) - (inference_logprobs * mask).sum(1)) - adv
+    return res.square().mean(), entropy_mean
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile(fn, dynamic=False), built once per process (it compiles on first call)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _logprobs_fn(impl: str):
+    if impl in ("torch", "triton"):
+        return lambda h, w, y: linear_logprobs(h, w, y, impl=impl)
+    if impl == "naive":
+        return naive_logprobs
+    if impl == "naive-compile":
+        return _compiled(naive_logprobs)
+    from . import peers  # CUDA only; raises ImportError when the package is absent
+
+    return {"liger": peers.liger_logprobs, "cce": peers.cce_logprobs}[impl]
+
+
+def _loss_fn(impl: str):
+    if impl in ("torch", "triton"):
+        def ours(h, w, y, ref, r, m):
+            out = oapl_loss(h, w, y, ref, r, m, group_size=GROUP_SIZE, beta1=BETA1, beta2=BETA2, impl=impl)
+            return out.loss, out.entropy_mean
+        return ours
+    return naive_oapl if impl == "naive" else _compiled(naive_oapl)
+
+
+def make_case(op: str, impl: str, inputs: dict):
+    """A zero-argument callable running ``op`` once with ``impl`` on ``inputs``.
+
+    It returns what the check compares: (logp,) for the forward, (logp, dH, dW) for
+    log-probs fwd+bwd (upstream gradient ``inputs["grad"]``), (loss, dH, dW) for the OAPL loss.
+    """
+    h, w, y = inputs["hidden"], inputs["weight"], inputs["targets"]
+    sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
+    if op == "logprobs_fwd":
+        fn = _logprobs_fn(impl)
+        h2, y2 = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+
+        def run():
+            with torch.no_grad():
+                out = fn(h2, w, y2)
+            sync()
+            return (out,)
+        return run
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    if op == "logprobs_fwdbwd":
+        fn = _logprobs_fn(impl)
+        h2, y2, g = h.view(-1, h.shape[-1]), y.reshape(-1), inputs["grad"].reshape(-1)
+
+        def forward():
+            logp = fn(h2, w, y2)
+            return (logp * g).sum(), logp
+    elif op == "oapl_fwdbwd":
+        fn = _loss_fn(impl)
+        extra = (inputs["inference_logprobs"], inputs["rewards"], inputs["mask"])
+
+        def forward():
+            loss, _entropy = fn(h, w, y, *extra)
+            return loss, loss
+    else:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+    def run():
+        loss, value = forward()
+        loss.backward()
+        sync()
+        grads = (h.grad, w.grad)
+        h.grad = w.grad = None  # the caller owns the gradients: they die with the result
+        return (value.detach(),) + grads
+    return run
+
+
+def _tolerance(dtype: str) -> dict:
+    return {"atol": 2e-4, "rtol": 1e-4} if dtype == "fp32" else {"atol": 0.1, "rtol": 0.05}
+
+
+def check(op: str, impl: str, shape: Shape, inputs: dict, result: tuple, rows: int = 256) -> None:
+    """Assert that ``result`` (of ``make_case(op, impl, inputs)()``) matches a float64 naive run.
+
+    When the float64 logits of the whole batch fit in 256 MB everything is compared (values or
+    loss, dH, dW); otherwise the log-probs and dH of the first sequences (>= ``rows`` tokens;
+    each row's dH depends on that row only) and, for the loss, only that it is finite. Peers'
+    gradients are not compared (CCE filters small gradient tiles by design).
+    """
+    if impl in ("liger", "cce"):
+        result = result[:1]
+    whole = shape.n * shape.v * 8 <= 2**28
+    if not whole and op == "oapl_fwdbwd":
+        assert all(bool(torch.isfinite(x).all()) for x in result), f"{impl} {op}: non-finite result"
+        return
+    ref = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in inputs.items()}
+    if not whole:
+        n_seq = -(-rows // shape.seq)
+        ref = {k: (v if k == "weight" else v[:n_seq]) for k, v in ref.items()}
+        result = tuple(x.reshape(shape.batch, shape.seq, -1)[:n_seq] for x in result[:2])
+    expected = make_case(op, "naive", ref)()
+    names = ("loss", "dH", "dW") if op == "oapl_fwdbwd" else ("values", "dH", "dW")
+    for name, exp, got in zip(names, expected, result):
+        torch.testing.assert_close(got.double().reshape(exp.shape), exp, **_tolerance(shape.dtype),
+                                   msg=lambda m, n=name: f"{impl} {op} {n}: {m}")
+
+
+def run_or_skip(run, impl: str):
+    """Call ``run()``; for the compiled baseline, skip the test (with the reason) if compiling fails."""
+    if impl != "naive-compile":
+        return run()
+    try:
+        return run()
+    except Exception as exc:  # inductor raises many types (no compiler, unsupported op, ...)
+        pytest.skip(f"torch.compile of the naive baseline fails on this machine: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+# ---- peak memory ---------------------------------------------------------------------------
+# CUDA: torch.cuda.max_memory_allocated around one call, minus what was allocated before it.
+# CPU: there is no allocator counter, so each case runs in a fresh subprocess (no heap state
+# left over from other cases). After building the inputs and a warm-up call, the process hands
+# free heap pages back to the OS (glibc malloc_trim), resets its resident-set high-water mark
+# (VmHWM, via /proc/self/clear_refs; ru_maxrss cannot be reset), runs the case once and reports
+# VmHWM - VmRSS at the reset: the peak memory the call adds on top of its inputs, outputs and
+# gradients included. Tensors of >= 32 MB are mmapped by glibc and unmapped when freed; smaller
+# freed blocks may stay resident, so the number can come out slightly high, never low.
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> int:
+    """Return free heap pages to the OS, reset VmHWM to the current RSS; return that RSS in bytes."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def measure(op: str, impl: str, shape: Shape, *, repeat: int = 1, warmup: int = 1) -> dict:
+    """Run one case in this process: peak extra memory of one call and the best of ``repeat`` times.
+
+    On the CPU call it in a fresh process (see :func:`measure_subprocess`) for a clean peak.
+    """
+    dev = device()
+    inputs = make_inputs(shape, dev)
+    run = make_case(op, impl, inputs)
+    for _ in range(warmup):
+        run()
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+                    else _proc_status_kb("VmHWM") * 1024) - base
+    return {"op": op, "impl": impl, "shape": asdict(shape), "device": dev.type,
+            "peak_bytes": peak, "seconds": min(times), "times": times}
+
+
+def measure_subprocess(op: str, impl: str, shape: Shape, *, repeat: int = 1, warmup: int = 1,
+                       timeout: float = 900) -> dict:
+    """:func:`measure` in a fresh Python process (``python -m benchmarks.probe``); returns its dict."""
+    cmd = [sys.executable, "-m", "benchmarks.probe", op, impl, json.dumps(asdict(shape)),
+           "--repeat", str(repeat), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(op: str, impl: str, shape: Shape) -> int:
+    """Peak bytes one call of the case adds: in-process on CUDA, in a fresh process on the CPU."""
+    if device().type == "cuda":
+        return measure(op, impl, shape)["peak_bytes"]
+    return measure_subprocess(op, impl, shape)["peak_bytes"]
+
+
+# ---- the benchmark body shared by the suites -------------------------------------------------
+_ROUNDS = {"cpu": 3, "cuda": 10}
+
+
+def bench_case(benchmark, request, op: str, impl: str, shape: Shape) -> None:
+    """Benchmark one case, check its result, record peak memory in extra_info (timed runs only)."""
+    dev = device()
+    inputs = make_inputs(shape, dev)
+    run = make_case(op, impl, inputs)
+    check(op, impl, shape, inputs, run_or_skip(run, impl))  # also the warm-up / compile
+    benchmark.group = f"{op} {shape.id}"
+    benchmark.extra_info.update(op=op, impl=impl, shape=shape.id, device=dev.type,
+                                device_name=device_name(), torch=torch.__version__)
+    benchmark.pedantic(run, rounds=_ROUNDS[dev.type], warmup_rounds=1 if dev.type == "cuda" else 0)
+    if not fast_mode(request.config):
+        del inputs, run
+        benchmark.extra_info["peak_bytes"] = peak_memory(op, impl, shape)
