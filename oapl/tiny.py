@@ -84,7 +84,7 @@ def format_warmup(
         return
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
-        raise ValueError(f"format_warmup needs prompts of one length, got lengths {sorted(lengths)}")
+        raise ValueError(f"format_warmup needs prompts of one length, got {sorted(lengths)}")
     gen = torch.Generator().manual_seed(seed)
     prompt_t = torch.tensor(prompts, dtype=torch.long)  # [N, P]
     answers = torch.tensor(answer_token_ids, dtype=torch.long)

@@ -1,0 +1,274 @@
+"""Run configuration: dataclasses loaded from YAML, overridable with dotted ``key=value``.
+
+``load_config("examples/tiny-cpu.yaml", ["trainer.lr=1e-4", "output_dir=runs/x"])`` reads the
+YAML, applies the overrides (values parsed as YAML scalars, then converted to the field's type),
+and validates the result. Unknown keys raise ``ValueError`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("oapl", "grpo")
+REF_LOGPROBS = ("sampler",)
+
+
+@dataclass
+class ModelConfig:
+    """The policy to train. ``path``: a Hugging Face model directory, or ``tiny`` for the
+    built-in tiny Llama (see ``oapl.tiny``), built under ``<output_dir>/base_model``."""
+
+    path: str = "tiny"
+    dtype: str = "float32"  # trainer parameter dtype (the optimizer state follows it)
+    tiny_seed: int = 0
+    tiny_format_warmup_steps: int = 100  # supervised answer-format warm-up (tiny model only)
+
+
+@dataclass
+class DataConfig:
+    """Prompts and their reward. ``source``: ``toy:<task>``, a ``.jsonl`` / ``.parquet`` file,
+    or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
+
+    source: str = "toy:max"
+    split: str = "train"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str = "{prompt}"
+    chat_template: bool = False  # wrap the prompt as a user turn with the tokenizer's template
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 512  # longer prompts are dropped when loading
+    limit: int | None = None  # keep the first N records
+    reward: str = "toy"  # toy | exact_match | math
+    prompts_per_step: int = 64  # prompts per generated batch
+
+
+@dataclass
+class GenerationConfig:
+    """The vLLM engine and its sampling. ``n`` is the group size G."""
+
+    n: int = 8
+    temperature: float = 1.0  # also the trainer's temperature
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 8
+    dtype: str = "bfloat16"
+    max_model_len: int = 64
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = True
+    skip_tokenizer_init: bool = False
+    engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
+
+
+@dataclass
+class AlgorithmConfig:
+    """The loss and the lag. ``sync_every`` is L: optimizer steps between weight pushes."""
+
+    name: str = "oapl"  # oapl | grpo
+    beta1: float = 1.0  # OAPL: temperature of V* = beta1 log mean exp(r / beta1)
+    beta2: float = 0.05  # OAPL: KL weight to the lagged policy
+    clip_eps: float = 0.2  # GRPO
+    tis_cap: float | None = None  # GRPO: truncated importance sampling cap
+    ref_logprobs: str = "sampler"  # source of log pi_lag; sampler: the engine's log-probs
+    sync_every: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300  # optimizer steps in the run
+    minibatches: int = 1  # optimizer steps per generated batch
+    micro_batch_size: int | None = None  # sequences per forward (gradient accumulation)
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    autocast_dtype: str | None = None  # e.g. bfloat16 on GPUs
+    gradient_checkpointing: bool = False
+    kernel_impl: str = "auto"  # oapl_kernels impl: auto | triton | torch
+    num_threads: int | None = None  # torch CPU threads (None: leave as is)
+
+
+@dataclass
+class OutputConfig:
+    save_every: int = 100  # checkpoint period in optimizer steps
+    keep_checkpoints: int = 2
+    plot: bool = True  # write <output_dir>/curves.png at the end
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/run"
+    resume: bool = False
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step: (prompts_per_step / minibatches) * n."""
+        return self.data.prompts_per_step // self.trainer.minibatches * self.generation.n
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an inconsistent configuration."""
+        a, t, d, g = self.algorithm, self.trainer, self.data, self.generation
+        _choice("algorithm.name", a.name, ALGORITHMS)
+        _choice("algorithm.ref_logprobs", a.ref_logprobs, REF_LOGPROBS)
+        _choice("trainer.kernel_impl", t.kernel_impl, ("auto", "triton", "torch"))
+        for key, value in [
+            ("generation.n", g.n),
+            ("generation.max_tokens", g.max_tokens),
+            ("data.prompts_per_step", d.prompts_per_step),
+            ("trainer.steps", t.steps),
+            ("trainer.minibatches", t.minibatches),
+            ("algorithm.sync_every", a.sync_every),
+            ("output.save_every", self.output.save_every),
+            ("output.keep_checkpoints", self.output.keep_checkpoints),
+        ]:
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if g.temperature <= 0:
+            raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
+        if a.name == "oapl" and (a.beta1 <= 0 or a.beta2 <= 0):
+            raise ValueError(f"algorithm.beta1 and beta2 must be > 0, got {a.beta1}, {a.beta2}")
+        if d.prompts_per_step % t.minibatches:
+            raise ValueError(
+                f"data.prompts_per_step ({d.prompts_per_step}) must be divisible by "
+                f"trainer.minibatches ({t.minibatches}): minibatches hold whole groups"
+            )
+        if t.steps % t.minibatches:
+            raise ValueError(
+                f"trainer.steps ({t.steps}) must be a multiple of trainer.minibatches "
+                f"({t.minibatches})"
+            )
+        mb = t.micro_batch_size
+        if mb is not None and (mb % g.n or self.sequences_per_step % mb):
+            raise ValueError(
+                f"trainer.micro_batch_size ({mb}) must be a multiple of generation.n ({g.n}) "
+                f"and divide the sequences per step ({self.sequences_per_step})"
+            )
+        period = math.lcm(a.sync_every, t.minibatches)
+        if self.output.save_every % period:
+            raise ValueError(
+                f"output.save_every ({self.output.save_every}) must be a multiple of "
+                f"lcm(algorithm.sync_every, trainer.minibatches) = {period}: checkpoints are "
+                "taken where the generator holds the trainer's weights, between batches"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` (str, int, float, bool, list, dict,
+    optional), or raise ``ValueError`` naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+        if origin is list:
+            if not isinstance(value, list):
+                raise TypeError
+            return [_coerce(v, args[0], key) for v in value]
+        if tp is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: cannot use {value!r} as {tp}") from None
+    raise TypeError(f"{key}: unsupported field type {tp}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from the nested dict ``data``, in place."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        if key not in names:
+            raise ValueError(
+                f"unknown config key {prefix + str(key)!r}; valid keys under "
+                f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], prefix + key))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values parsed as YAML scalars."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data or {})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file at ``path`` (if given) <- dotted ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        with open(path) as f:
+            _apply(cfg, yaml.safe_load(f) or {})
+    _apply(cfg, parse_overrides(list(overrides)))
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

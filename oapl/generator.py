@@ -1,0 +1,153 @@
+"""The generator: a vLLM engine holding a lagged copy of the policy.
+
+``Generator`` is the interface the loop uses; ``VLLMGenerator`` implements it with an
+in-process ``vllm.LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core and its worker
+live in this process, so weights are pushed as tensors, with no serialization and no disk).
+The engine returns each sampled token's log-probability *after* temperature
+(``logprobs_mode="processed_logprobs"``): the distribution the trainer's loss uses.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .config import GenerationConfig
+
+
+@dataclass
+class Rollout:
+    """One sampled completion. ``logprobs[j]`` is log pi_vllm(completion_ids[j] | prefix) at
+    the sampling temperature (after top-k/top-p renormalization when those are set);
+    ``version`` is the trainer step whose weights the engine held."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    version: int
+
+
+class Generator(Protocol):
+    """What the loop needs from a generator."""
+
+    version: int
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        sampling: GenerationConfig,
+        seed: int,
+    ) -> list[list[Rollout]]:
+        """``sampling.n`` rollouts per prompt (token ids), grouped per prompt, in prompt order;
+        ``sampling`` gives the sampling fields (n, temperature, top_p, top_k, max_tokens)."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Replace the engine's weights (Hugging Face parameter names) in place."""
+
+
+def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs on the vLLM worker: load HF-named tensors into the running model."""
+    worker.model_runner.reload_weights(
+        weights_iterator=iter(named_tensors), is_checkpoint_format=True
+    )
+
+
+class VLLMGenerator:
+    """``vllm.LLM`` in this process, seeded, with log-probs at the sampling temperature.
+    ``cfg`` gives the engine's settings; each ``generate`` call its sampling settings.
+
+    Side effects of building it (vLLM's, undone here where possible): vLLM replaces
+    ``torch.set_num_threads`` with a no-op (``torch._C.set_num_threads`` still works) and
+    reseeds the global RNGs; the thread count is restored, and callers should seed after
+    construction.
+    """
+
+    def __init__(self, model_path: str, cfg: GenerationConfig, seed: int = 0):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM, SamplingParams
+
+        self._sampling_params_cls = SamplingParams
+        self.version = 0
+        kwargs = dict(
+            model=model_path,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            skip_tokenizer_init=cfg.skip_tokenizer_init,
+            logprobs_mode="processed_logprobs",
+            seed=seed,
+        )
+        if cfg.kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        kwargs.update(cfg.engine_kwargs)
+        threads = torch.get_num_threads()
+        self.llm = LLM(**kwargs)
+        torch._C.set_num_threads(threads)  # the original; vLLM made torch's a no-op
+        self._push_dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        # Each push warns that the rotary embedding (a buffer, not a weight) was not loaded.
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        reload_log.setLevel(logging.ERROR)
+
+    def _sampling_params(self, c: GenerationConfig, seed: int):
+        return self._sampling_params_cls(
+            n=c.n,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_tokens=c.max_tokens,
+            logprobs=0,
+            seed=seed,
+            detokenize=False,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        sampling: GenerationConfig,
+        seed: int,
+    ) -> list[list[Rollout]]:
+        """``sampling.n`` samples per prompt. Prompt ``i`` samples with seed ``seed + i * n``
+        (vLLM gives its ``n`` children ``seed + j``), so no two samples share random draws."""
+        from vllm.inputs import TokensPrompt
+
+        if len(prompts) != len(prompt_indices):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} indices")
+        n = sampling.n
+        params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        groups = []
+        for idx, ids, out in zip(prompt_indices, prompts, outs):
+            group = []
+            for c in out.outputs:
+                toks = list(c.token_ids)
+                lps = [c.logprobs[j][t].logprob for j, t in enumerate(toks)]
+                group.append(Rollout(idx, list(ids), toks, lps, str(c.finish_reason), self.version))
+            groups.append(group)
+        return groups
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push weights into the running engine (cast to the engine's dtype), then drop the
+        prefix cache: its KV entries were computed with the old weights."""
+        tensors = [(k, v.detach().to(self._push_dtype or v.dtype)) for k, v in named_tensors]
+        self.llm.collective_rpc(_reload_weights, args=(tensors,))
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def close(self) -> None:
+        """Free the engine (a new one in this process then builds quickly)."""
+        del self.llm
+        gc.collect()

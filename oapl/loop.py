@@ -1,0 +1,256 @@
+"""The lagged loop: generate -> score -> train -> every L steps push weights to the generator.
+
+    version = 0                       (the engine holds the trainer's initial weights)
+    repeat:
+        prompts <- next batch; rollouts <- generator (n per prompt, tagged with its version)
+        rewards <- reward_fn(record, completion text)
+        for each of `trainer.minibatches` slices: one optimizer step; step += 1
+            if step % L == 0: push weights; version = step
+        every `output.save_every` steps: checkpoint
+
+A policy version is the trainer step whose weights the engine holds, so a step's ``lag`` is the
+number of optimizer steps the policy took since the weights that sampled its batch (0 at L=1
+with one minibatch). Between pushes the loop keeps sampling from the stale engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from . import tiny
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, save_config
+from .data import PromptSampler, load_prompts, toy_task
+from .generator import Generator, Rollout, VLLMGenerator
+from .metrics import MetricsLog
+from .plot import plot_runs
+from .policy import Policy
+from .rewards import get_reward_fn, score_all
+from .trainer import LocalTrainer, TrainBatch, collate, resolve_device
+
+# Keys that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = {"resume", "trainer.steps"}
+
+
+def prepare_model(cfg: Config) -> str:
+    """The model directory to train: ``cfg.model.path``, or the tiny model built (once,
+    deterministically) under ``<output_dir>/base_model`` with its format warm-up on the toy
+    task's prompts."""
+    if cfg.model.path != "tiny":
+        return cfg.model.path
+    steps = cfg.model.tiny_format_warmup_steps
+    prompts, answers = [], []
+    if steps:
+        if not cfg.data.source.startswith("toy:"):
+            raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
+        task = toy_task(cfg.data.source[4:])
+        tok = tiny.build_tokenizer()
+        prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"] for r in task.records]
+        answers = task.answers
+    return tiny.build_tiny_model(
+        os.path.join(cfg.output_dir, "base_model"),
+        seed=cfg.model.tiny_seed,
+        warmup_prompts=prompts,
+        warmup_answers=answers,
+        warmup_steps=steps,
+    )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "engine_kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _prepare_run_dir(cfg: Config) -> str | None:
+    """Create the run directory and save ``config.yaml``; on resume, check the saved config
+    matches and return the latest checkpoint (None if there is none yet)."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    cfg_path = os.path.join(cfg.output_dir, "config.yaml")
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    if not cfg.resume:
+        if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
+            raise ValueError(
+                f"{cfg.output_dir} already holds a run: pass resume=true, or another output_dir"
+            )
+        save_config(cfg, cfg_path)
+        return None
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            saved = _flatten(yaml.safe_load(f))
+        now = _flatten(cfg.to_dict())
+        diff = sorted(k for k in saved.keys() | now.keys()
+                      if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
+        if diff:
+            raise ValueError(f"resume: config differs from {cfg_path} in {diff}")
+    save_config(cfg, cfg_path)
+    ckpts = list_checkpoints(ckpt_root)
+    return ckpts[-1] if ckpts else None
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Batch:
+    """One generated and scored batch: its rollouts (in group order), their rewards as a
+    ``TrainBatch``, which reward calls failed, and how long generating and scoring took."""
+
+    rollouts: list[Rollout]
+    batch: TrainBatch
+    failed: list[bool]
+    generate_s: float
+    score_s: float
+
+
+class _Run:
+    """The state of one training run: model, data, engine, trainer, position."""
+
+    def __init__(self, cfg: Config, generator: Generator | None):
+        self.cfg = cfg
+        if cfg.trainer.num_threads is not None:
+            torch._C.set_num_threads(cfg.trainer.num_threads)  # vLLM makes torch's own a no-op
+        latest = _prepare_run_dir(cfg)
+        model_path = prepare_model(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.prompts = load_prompts(cfg.data, tok)
+        self.reward_fn = get_reward_fn(cfg.data.reward)
+        self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
+        _seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
+        device = resolve_device(cfg.trainer.device)
+        self.policy = Policy.from_pretrained(model_path, getattr(torch, cfg.model.dtype), device)
+        self.trainer = LocalTrainer(self.policy, cfg)
+        self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
+        self.step = 0
+        if latest is not None:
+            state = load_checkpoint(latest, self.trainer)
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+        # The engine starts from the trainer's weights (a resumed run's, or a reused engine's).
+        self.generator.load_weights(self.trainer.named_weights(), version=self.step)
+        self.log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"))
+        self.log.truncate_after(self.step)
+
+    def generate_batch(self) -> _Batch:
+        """Sample ``n`` completions of the next prompts from the engine as it is, and score
+        them. The sampling seed depends only on the run seed and the batch number."""
+        cfg = self.cfg
+        idx = self.sampler.next_batch()
+        batch_no = self.step // cfg.trainer.minibatches
+        seed = cfg.seed * 1_000_000_007 + batch_no * len(idx) * cfg.generation.n
+        t = time.perf_counter()
+        groups = self.generator.generate(
+            [self.prompts[i].token_ids for i in idx], idx, cfg.generation, seed=seed
+        )
+        generate_s = time.perf_counter() - t
+        rollouts = [r for g in groups for r in g]
+        t = time.perf_counter()
+        texts = self.tokenizer.batch_decode(
+            [r.completion_ids for r in rollouts], skip_special_tokens=True
+        )
+        records = [self.prompts[r.prompt_index].record for r in rollouts]
+        rewards, failed = score_all(self.reward_fn, records, texts)
+        score_s = time.perf_counter() - t
+        batch = collate(rollouts, rewards, self.pad_id)
+        return _Batch(rollouts, batch, failed, generate_s, score_s)
+
+    def train_step(self, b: _Batch, rows: slice) -> dict:
+        """One optimizer step on rows ``rows`` of ``b``, the weight push if one is due, and
+        the step's metrics record."""
+        k = self.cfg.trainer.minibatches
+        mb = b.batch.rows(rows.start, rows.stop)
+        t = time.perf_counter()
+        m = self.trainer.train_step(mb)
+        train_s = time.perf_counter() - t
+        lag = self.step - float(mb.versions.float().mean())
+        self.step += 1
+        sync_s = 0.0
+        if self.step % self.cfg.algorithm.sync_every == 0:
+            t = time.perf_counter()
+            self.generator.load_weights(self.trainer.named_weights(), version=self.step)
+            sync_s = time.perf_counter() - t
+        step_s = (b.generate_s + b.score_s) / k + train_s + sync_s
+        rollouts = b.rollouts[rows]
+        return {
+            "step": self.step,
+            "reward_mean": float(mb.rewards.mean()),
+            "reward_std": float(mb.rewards.std(unbiased=False)),
+            "reward_errors": sum(b.failed[rows]),
+            "loss": m["loss"],
+            "lag": lag,
+            "version": int(mb.versions.max()),
+            "seq_logratio_mean": m["seq_logratio_mean"],
+            "entropy_mean": m["entropy_mean"],
+            "adv_abs_mean": m["adv_abs_mean"],
+            "grad_norm": m["grad_norm"],
+            "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+            "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+            "tokens_per_s": m["train_tokens"] / step_s,
+            "generate_s": b.generate_s / k,
+            "score_s": b.score_s / k,
+            "train_s": train_s,
+            "sync_s": sync_s,
+            "time": time.time(),
+        }
+
+    def checkpoint_due(self) -> bool:
+        """At every ``save_every`` steps, and at the end where a checkpoint is possible."""
+        cfg = self.cfg
+        if self.step % cfg.output.save_every == 0:
+            return True
+        period = math.lcm(cfg.algorithm.sync_every, cfg.trainer.minibatches)
+        return self.step == cfg.trainer.steps and self.step % period == 0
+
+    def run(self) -> dict:
+        cfg, k = self.cfg, self.cfg.trainer.minibatches
+        bar = tqdm(total=cfg.trainer.steps, initial=self.step, desc="oapl train")
+        rewards: list[float] = []
+        while self.step < cfg.trainer.steps:
+            b = self.generate_batch()
+            per = len(b.batch) // k
+            for j in range(k):
+                record = self.train_step(b, slice(j * per, (j + 1) * per))
+                self.log.write(record)
+                rewards.append(record["reward_mean"])
+                bar.update(1)
+                bar.set_postfix(reward10=f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}",
+                                lag=f"{record['lag']:.0f}", loss=f"{record['loss']:.4f}")
+            if self.checkpoint_due():
+                state = {"step": self.step, "sampler": self.sampler.state_dict()}
+                root = os.path.join(cfg.output_dir, "checkpoints")
+                save_checkpoint(root, self.trainer, state, keep=cfg.output.keep_checkpoints)
+        bar.close()
+        final_dir = os.path.join(cfg.output_dir, "final_model")
+        self.policy.model.save_pretrained(final_dir)
+        self.tokenizer.save_pretrained(final_dir)
+        summary = {"steps": self.step, "output_dir": cfg.output_dir}
+        if cfg.output.plot:
+            png = os.path.join(cfg.output_dir, "curves.png")
+            summary["plot"] = plot_runs([cfg.output_dir], png)
+        return summary
+
+
+def train(cfg: Config, generator: Generator | None = None) -> dict:
+    """Run (or resume) the training run ``cfg``; return a summary dict.
+
+    ``generator``: an engine to reuse (the trainer's weights are pushed into it at the start);
+    by default a ``VLLMGenerator`` is built for the model.
+    """
+    return _Run(cfg, generator).run()

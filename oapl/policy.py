@@ -1,0 +1,51 @@
+"""A Hugging Face causal LM seen as a policy for ``oapl_kernels``.
+
+The loss needs the final hidden states (after the model's last norm) and the lm_head weight,
+never the full logits: ``Policy.hidden_states`` runs the decoder stack only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+class Policy(torch.nn.Module):
+    """``model``: an ``AutoModelForCausalLM`` whose logits are ``hidden @ lm_head.weight.T``
+    (Llama, Qwen2, Mistral, ...; not models with logit soft-capping or scaling)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        decoder = model.get_decoder()
+        if decoder is None or decoder is model:
+            raise ValueError(f"{type(model).__name__} exposes no separate decoder stack")
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(model.config, attr, None):
+                raise ValueError(f"{type(model).__name__} uses {attr}, which the loss ignores")
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype, device: torch.device) -> "Policy":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return cls(model.to(device))
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D], the output projection (tied to the embeddings in some models)."""
+        return self.model.get_output_embeddings().weight
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask [B, L] (right padding) -> last hidden states [B, L, D],
+        final norm applied; position t predicts token t + 1."""
+        out = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF checkpoint name, detached tensor) of every parameter, for the generator; a
+        tied lm_head appears once, under the embedding's name."""
+        for name, p in self.model.named_parameters():
+            yield name, p.detach()

