@@ -18,6 +18,7 @@ import yaml
 
 ALGORITHMS = ("oapl", "grpo")
 REF_LOGPROBS = ("sampler",)
+GRPO_OLD = ("sampler", "detached")
 
 
 @dataclass
@@ -76,6 +77,10 @@ class AlgorithmConfig:
     beta2: float = 0.05  # OAPL: KL weight to the lagged policy
     clip_eps: float = 0.2  # GRPO
     tis_cap: float | None = None  # GRPO: truncated importance sampling cap
+    # GRPO: pi_old in the clipped ratio; sampler: the engine's log-probs (PPO-clip against the
+    # behaviour policy); detached: the current policy (ratio 1), so with tis_cap the loss is a
+    # truncated-IS policy gradient weighted by min(pi_theta / pi_vllm, tis_cap).
+    grpo_old: str = "sampler"
     ref_logprobs: str = "sampler"  # source of log pi_lag; sampler: the engine's log-probs
     sync_every: int = 1
 
@@ -125,6 +130,7 @@ class Config:
         a, t, d, g = self.algorithm, self.trainer, self.data, self.generation
         _choice("algorithm.name", a.name, ALGORITHMS)
         _choice("algorithm.ref_logprobs", a.ref_logprobs, REF_LOGPROBS)
+        _choice("algorithm.grpo_old", a.grpo_old, GRPO_OLD)
         _choice("trainer.kernel_impl", t.kernel_impl, ("auto", "triton", "torch"))
         for key, value in [
             ("generation.n", g.n),

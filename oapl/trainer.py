@@ -156,8 +156,9 @@ class LocalTrainer:
         if a.name == "oapl":
             return oapl_loss(hidden, weight, targets, ref, mb.rewards, mb.loss_mask,
                              beta1=a.beta1, beta2=a.beta2, **common)
-        return grpo_loss(hidden, weight, targets, ref, mb.rewards, mb.loss_mask,
-                         clip_eps=a.clip_eps, tis_cap=a.tis_cap, **common)
+        old = "detached" if a.grpo_old == "detached" else None
+        return grpo_loss(hidden, weight, targets, ref, mb.rewards, mb.loss_mask, clip_eps=a.clip_eps,
+                         tis_cap=a.tis_cap, old_logprobs=old, **common)
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """Accumulate gradients over micro-batches, clip, step. OAPL's loss is a mean over

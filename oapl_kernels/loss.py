@@ -203,16 +203,21 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, clip_eps: float = 0.2, temperature: float = 1.0,
-              old_logprobs: torch.Tensor | None = None, tis_cap: float | None = None,
+              old_logprobs: torch.Tensor | str | None = None, tis_cap: float | None = None,
               scale_rewards: bool = True, impl: str = "auto") -> LossOutput:
     """GRPO baseline: group-normalized advantages, token-level clipped ratio, optional truncated IS.
 
-    The ratio is pi_theta / pi_old per token, with pi_old = ``old_logprobs`` when given (the
-    trainer's own log-probs of the rollout policy) else the sampler's ``inference_logprobs``.
-    With ``tis_cap``, each token's surrogate is weighted by min(pi_old / pi_vllm, tis_cap)
-    (truncated importance sampling for the sampler/trainer mismatch; only differs from 1 when
-    ``old_logprobs`` is given). The loss is the mean over all masked tokens of
-    -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
+    The ratio is pi_theta / pi_old per token, where pi_old is
+      - the sampler's ``inference_logprobs`` when ``old_logprobs`` is None (PPO-clip against
+        the behaviour policy);
+      - ``old_logprobs`` [B, T] when given (e.g. the trainer's own log-probs of the weights that
+        sampled the data);
+      - the current policy, detached, when ``old_logprobs="detached"``: the ratio is 1 in value
+        and its gradient is that of log pi_theta, so with ``tis_cap`` the loss is a truncated-IS
+        policy gradient, the usual choice when the sampler lags many steps behind.
+    With ``tis_cap``, each token's surrogate is weighted by the detached
+    min(pi_old / pi_vllm, tis_cap) (truncated importance sampling). The loss is the mean over
+    all masked tokens of -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
 
     Shapes and dtypes as in :func:`oapl_loss`; A_i = (r_i - mean_g r) / (std_g r + 1e-6)
     (``scale_rewards=False`` keeps r_i - mean_g r).
@@ -230,7 +235,12 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=False) + 1e-6)
     adv, mean = adv.reshape(-1), mean.expand_as(r).reshape(-1)
     ref = _masked_ref(inference_logprobs, m)
-    old = ref if old_logprobs is None else _masked_ref(old_logprobs, m, "old_logprobs")
+    if isinstance(old_logprobs, str):
+        if old_logprobs != "detached":
+            raise ValueError(f"old_logprobs must be a tensor, None or 'detached', got {old_logprobs!r}")
+        old = logp.detach()
+    else:
+        old = ref if old_logprobs is None else _masked_ref(old_logprobs, m, "old_logprobs")
     ratio = torch.exp(logp - old)
     a = adv[:, None]
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)

@@ -199,6 +199,8 @@ def test_module_form():
 
 def _grpo64(h, w, targets, inf_lp, old, rewards, mask, group, eps, tis_cap, temperature):
     lp, _ = logprobs64(h, w, torch.where(mask, targets, -100), temperature)
+    if isinstance(old, str):
+        old = lp.detach()
     r = rewards.double().view(-1, group)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).reshape(-1, 1)
     ref = torch.where(mask, inf_lp.double(), 0.0)
@@ -210,7 +212,7 @@ def _grpo64(h, w, targets, inf_lp, old, rewards, mask, group, eps, tis_cap, temp
     return -(sur * mask).sum() / mask.sum()
 
 
-@pytest.mark.parametrize("with_old", [False, True])
+@pytest.mark.parametrize("with_old", [False, True, "detached"])
 def test_grpo_matches_float64(impl, with_old):
     hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 5, 12, 77, seed=21)
     # make the ratio straddle the clip range on some tokens
@@ -218,6 +220,7 @@ def test_grpo_matches_float64(impl, with_old):
     g = torch.Generator().manual_seed(0)
     inf_lp = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), float("nan"))
     old = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), 0.0) if with_old else None
+    old = "detached" if with_old == "detached" else old
     (h64, w64), (h, w) = leaves(hidden, weight)
     out = grpo_loss(h, w, targets, inf_lp, rewards, mask, group_size=3, clip_eps=0.2, temperature=0.9,
                     old_logprobs=old, tis_cap=2.0, impl=impl)
@@ -226,4 +229,7 @@ def test_grpo_matches_float64(impl, with_old):
     loss64.backward()
     assert abs(out.loss.item() - loss64.item()) <= 1e-6  # a sum of cancelling terms: absolute
     assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(w.grad, w64.grad) <= 1e-5
-    assert 0 < out.clip_frac.item() < 1
+    if with_old == "detached":
+        assert out.clip_frac.item() == 0  # the ratio is exactly 1
+    else:
+        assert 0 < out.clip_frac.item() < 1

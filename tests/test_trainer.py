@@ -58,13 +58,15 @@ def test_collate_aligns_targets_mask_and_logprobs():
         collate([Rollout(0, [1], [7, 2], [-0.5], "stop", 0)], [1.0], pad_id=0)
 
 
-@pytest.mark.parametrize("algorithm", ["oapl", "grpo"])
+@pytest.mark.parametrize("algorithm", ["oapl", "grpo", "grpo-tis"])
 def test_micro_batches_accumulate_to_the_full_batch_gradient(tiny_model_dir, algorithm):
     rollouts, rewards = _rollouts()
     grads = []
     for micro in (None, 4):
         cfg = Config()
-        cfg.algorithm.name, cfg.generation.n = algorithm, 4
+        cfg.algorithm.name, cfg.generation.n = algorithm.split("-")[0], 4
+        if algorithm == "grpo-tis":
+            cfg.algorithm.grpo_old, cfg.algorithm.tis_cap = "detached", 2.0
         cfg.trainer.micro_batch_size, cfg.trainer.grad_clip = micro, 0.0
         policy = Policy.from_pretrained(tiny_model_dir, torch.float32, torch.device("cpu"))
         trainer = LocalTrainer(policy, cfg)
