@@ -6,10 +6,18 @@ never the full logits: ``Policy.hidden_states`` runs the decoder stack only.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM
+
+
+def attention_implementation(dtype: torch.dtype, device: torch.device) -> str:
+    """"flash_attention_2" on CUDA with 16-bit weights when the flash-attn package is
+    installed (the GPU extra), else "sdpa"."""
+    usable = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if usable and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 class Policy(torch.nn.Module):
@@ -28,7 +36,11 @@ class Policy(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype, device: torch.device) -> "Policy":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        """Load ``path`` in ``dtype`` onto ``device``, with flash-attn where it is installed
+        and usable (CUDA, 16-bit weights), PyTorch's sdpa otherwise."""
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attention_implementation(dtype, device)
+        )
         return cls(model.to(device))
 
     @property
