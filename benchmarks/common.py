@@ -73,6 +73,8 @@ def device_name() -> str:
 def impls(op: str, dev: torch.device) -> list[str]:
     """Implementations benchmarked for ``op`` on ``dev``; the Triton interpreter is never used."""
     ours = ["triton", "torch"] if dev.type == "cuda" else ["torch"]
+    if op == "oapl_fwdbwd":  # the fused loss (default) and forward + recomputing backward
+        ours += [f"{impl}-unfused" for impl in ours]
     peers = ["liger", "cce"] if dev.type == "cuda" and op.startswith("logprobs") else []
     return ours + ["naive", "naive-compile"] + peers
 
@@ -154,9 +156,12 @@ def _logprobs_fn(impl: str):
 
 
 def _loss_fn(impl: str):
-    if impl in ("torch", "triton"):
+    if impl.removesuffix("-unfused") in ("torch", "triton"):
+        kernel, fused = impl.removesuffix("-unfused"), not impl.endswith("-unfused")
+
         def ours(h, w, y, ref, r, m):
-            out = oapl_loss(h, w, y, ref, r, m, group_size=GROUP_SIZE, beta1=BETA1, beta2=BETA2, impl=impl)
+            out = oapl_loss(h, w, y, ref, r, m, group_size=GROUP_SIZE, beta1=BETA1, beta2=BETA2,
+                            impl=kernel, fused=fused)
             return out.loss, out.entropy_mean
         return ours
     return naive_oapl if impl == "naive" else _compiled(naive_oapl)
