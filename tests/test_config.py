@@ -37,7 +37,9 @@ def test_yaml_then_overrides(tmp_path):
         ("trainer.steps=1.5", "trainer.steps: cannot use 1.5"),
         ("resume=yes please", "resume: cannot use"),
         ("algorithm.name=ppo", "algorithm.name must be one of ['oapl', 'grpo']"),
-        ("algorithm.ref_logprobs=recompute", "algorithm.ref_logprobs must be one of ['sampler']"),
+        ("algorithm.ref_logprobs=lagged",
+         "algorithm.ref_logprobs must be one of ['sampler', 'recompute']"),
+        ("generation.logprobs_mode=raw_logits", "generation.logprobs_mode must be one of"),
         ("trainer=3", "trainer must be a mapping"),
         ("trainer.lr", "not of the form key=value"),
         ("generation.n=0", "generation.n must be >= 1"),
@@ -53,6 +55,15 @@ def test_errors(override, message):
     with pytest.raises(ValueError) as exc:
         load_config(None, [override, *extra])
     assert message in str(exc.value)
+
+
+def test_raw_logprobs_refused_as_log_pi_lag_away_from_temperature_1():
+    """vLLM's raw log-probs are untempered: as log pi_lag they are only right at T = 1."""
+    raw = "generation.logprobs_mode=raw_logprobs"
+    with pytest.raises(ValueError, match="untempered log-probs"):
+        load_config(None, [raw, "generation.temperature=0.7"])
+    load_config(None, [raw, "generation.temperature=1.0"])
+    load_config(None, [raw, "generation.temperature=0.7", "algorithm.ref_logprobs=recompute"])
 
 
 def test_saved_config_round_trips(tmp_path):

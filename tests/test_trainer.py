@@ -87,3 +87,34 @@ def test_train_step_lowers_the_oapl_loss(policy):
     batch = collate(*_rollouts(seed=1), pad_id=0)
     losses = [trainer.train_step(batch)["loss"] for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_recompute_reference_is_a_frozen_copy_of_the_pushed_weights(policy):
+    """ref_logprobs=recompute: log pi_lag from a frozen copy of the weights as of the last
+    push (at the training temperature), unmoved by optimizer steps, for rows of its version."""
+    cfg = Config()
+    cfg.generation.n, cfg.generation.temperature, cfg.trainer.lr = 4, 0.7, 1e-2
+    cfg.algorithm.ref_logprobs = "recompute"
+    cfg.trainer.micro_batch_size = 8
+    trainer = LocalTrainer(policy, cfg)
+    trainer.freeze_reference(version=2)  # the rollouts' version
+    batch = collate(*_rollouts(seed=2), pad_id=0)
+    ref = trainer.reference_logprobs(batch)
+    with torch.no_grad():
+        hidden = policy.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]
+        mine = linear_logprobs(hidden, policy.lm_head_weight, batch.input_ids[:, 1:],
+                               temperature=0.7)
+    assert ref.shape == batch.inference_logprobs.shape and ref.dtype == torch.float32
+    torch.testing.assert_close(ref, mine * batch.loss_mask, atol=1e-5, rtol=1e-5)
+    ref_model = trainer.reference.model
+    assert not ref_model.training and not any(p.requires_grad for p in ref_model.parameters())
+
+    batch.inference_logprobs = ref  # a sampler that agrees exactly with the trainer
+    batch.ref_logprobs = ref
+    m = trainer.train_step(batch)
+    assert m["sampler_absdiff_max"] < 1e-5  # at the weights before the step
+    torch.testing.assert_close(trainer.reference_logprobs(batch), ref)  # frozen: unmoved
+    assert trainer.train_step(batch)["sampler_absdiff_mean"] > 1e-3  # the policy moved
+    trainer.freeze_reference(version=4)
+    with pytest.raises(ValueError, match=r"versions \[2\], but the frozen reference holds 4"):
+        trainer.reference_logprobs(batch)

@@ -1,0 +1,109 @@
+"""A ``VLLMGenerator`` in a child process, behind the ``Generator`` interface.
+
+Under ``torchrun`` the trainer's process already holds the torch.distributed world, and vLLM
+initializes one of its own (a 1-process world for its workers) in whatever process builds the
+engine: the two cannot share a process. So rank 0 starts the engine in a spawned child, with the
+torchrun environment removed, and talks to it over a pipe: ``generate`` requests and rollouts,
+and weight pushes as tensors (torch.multiprocessing shares their storage, no disk). Inside the
+child the engine is the same in-process ``VLLMGenerator`` the single-process loop uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+from .config import GenerationConfig
+from .generator import Rollout
+
+# Set by torchrun; vLLM must not mistake the child for a rank of the trainer's world.
+_LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _serve(conn, model_path: str, cfg: GenerationConfig, seed: int, threads: int) -> None:
+    """The child: build the engine, then answer ``(method, args)`` requests until ``close``
+    (or until the parent goes away). Replies are ``("ok", result)`` or ``("error", text)``."""
+    for key in _LAUNCHER_ENV:
+        os.environ.pop(key, None)
+    torch.set_num_threads(threads)
+    from .generator import VLLMGenerator
+
+    try:
+        gen = VLLMGenerator(model_path, cfg, seed=seed)
+    except Exception as e:  # reported to the parent, which raises
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", None))
+    while True:
+        try:
+            method, args = conn.recv()
+        except EOFError:
+            break
+        if method == "close":
+            break
+        try:
+            conn.send(("ok", getattr(gen, method)(*args)))
+        except Exception as e:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    gen.close()
+
+
+class GeneratorProcess:
+    """The ``Generator`` interface over a ``VLLMGenerator`` in a spawned child process.
+    ``threads``: the child's torch threads (the engine's CPU compute)."""
+
+    def __init__(self, model_path: str, cfg: GenerationConfig, seed: int = 0, threads: int = 1):
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, model_path, cfg, seed, threads),
+                                 daemon=True)
+        self._proc.start()
+        child.close()
+        self._reply()
+        self.version = 0
+        self._push_dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+
+    def _reply(self):
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"the generator process exited (code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"generator process: {value}")
+        return value
+
+    def _call(self, method: str, *args):
+        self._conn.send((method, args))
+        return self._reply()
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_indices: Sequence[int],
+        sampling: GenerationConfig,
+        seed: int,
+    ) -> list[list[Rollout]]:
+        """As ``VLLMGenerator.generate``, in the child."""
+        return self._call("generate", [list(p) for p in prompts], list(prompt_indices),
+                          sampling, seed)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Send the weights (CPU copies in the engine's dtype, shared with the child) and push
+        them into its engine."""
+        tensors = [(name, t.detach().to("cpu", self._push_dtype or t.dtype))
+                   for name, t in named_tensors]
+        self._call("load_weights", tensors, version)
+        self.version = version
+
+    def close(self) -> None:
+        """Stop the child and wait for it."""
+        if self._proc.is_alive():
+            self._conn.send(("close", ()))
+            self._proc.join(timeout=60)
+        self._conn.close()

