@@ -25,8 +25,7 @@ steps (what the lagging engine generated).
 
 Tuning, the same budget for each method: ``len(candidates)`` (2) runs at the largest required
 lag (``TUNE_LAG``), seed 0; the value with the best final policy reward is then used at every
-L and seed. The tuning runs are reused as the
-seed-0 runs at that lag.
+L and seed. The tuning runs are reused as the seed-0 runs at that lag.
 
 Resumable: a run whose ``metrics.jsonl`` holds all its steps is skipped; an unfinished one
 continues from its last checkpoint (``resume=true``) or, without one, starts over. Rerun the
@@ -489,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="skip the extra lag (1000) and the third arm (grpo_clip)")
     p.add_argument("--report", action="store_true", help="only summarize and plot what is done")
     p.add_argument("--steps", type=int, help="override the plan's steps")
-    p.add_argument("--lr", type=float, help="override the lr of every run (quick-mode trials)")
+    p.add_argument("--lr", type=float, help="override the lr of every run (trials; use a fresh --out: run names omit it)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
     p.add_argument("--lags", type=int, nargs="+", help="override the plan's lags (no extras)")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS),

