@@ -178,6 +178,38 @@ def _methods():
     return methods
 
 
+def _measure(row, fn, h, w, extra, reps, with_fwd):
+    """Fill ``row`` with the median time of fn's forward (when ``with_fwd``) and forward +
+    backward on leaf copies of h and w, and its peak memory above the inputs. fn(h, w, *extra)
+    returns a tensor to sum for the backward. A failure (out of memory, a peer's error) goes
+    into row["skipped"] instead of stopping the suite."""
+    try:
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        base = torch.cuda.memory_allocated()
+
+        def fwd():
+            with torch.no_grad():
+                fn(hh, ww, *extra)
+
+        def fwd_bwd():
+            hh.grad = ww.grad = None
+            fn(hh, ww, *extra).sum().backward()
+
+        if with_fwd:
+            row["fwd_ms"] = _time(fwd, reps=reps)
+        row["fwd_bwd_ms"] = _time(fwd_bwd, reps=reps)
+        hh.grad = ww.grad = None
+        torch.cuda.empty_cache()
+        row["peak_gib_above_inputs"] = _peak_above(fwd_bwd, base)
+    except torch.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - a peer's failure must not stop the suite
+        row["skipped"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    hh = ww = None
+    torch.cuda.empty_cache()
+    print(f"    {row}", flush=True)
+
+
 def bench(shapes, reps):
     rows = []
     methods = _methods()
@@ -196,33 +228,11 @@ def bench(shapes, reps):
             if isinstance(fn, str):
                 rows.append({**row, "skipped": fn})
                 continue
-            try:
-                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-                base = torch.cuda.memory_allocated()
-
-                def fwd():
-                    with torch.no_grad():
-                        fn(hh, ww, y)
-
-                def fwd_bwd():
-                    hh.grad = ww.grad = None
-                    fn(hh, ww, y).sum().backward()
-
-                row["fwd_ms"] = _time(fwd, reps=reps)
-                row["fwd_bwd_ms"] = _time(fwd_bwd, reps=reps)
-                hh.grad = ww.grad = None
-                torch.cuda.empty_cache()
-                row["peak_gib_above_inputs"] = _peak_above(fwd_bwd, base)
+            _measure(row, fn, h, w, (y,), reps, with_fwd=True)
+            if "skipped" not in row:
                 row["tflops"] = flop / row["fwd_bwd_ms"] / 1e9
                 row["x_floor"] = row["fwd_bwd_ms"] / floor_ms
-            except torch.OutOfMemoryError:
-                row["skipped"] = "out of memory"
-            except Exception as exc:  # noqa: BLE001 - a peer's failure must not stop the suite
-                row["skipped"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            hh = ww = None
-            torch.cuda.empty_cache()
             rows.append(row)
-            print(f"    {row}", flush=True)
         del h, w, y
         torch.cuda.empty_cache()
     return rows
@@ -281,33 +291,15 @@ def bench_loss(shapes, reps):
         g = torch.Generator(device="cuda").manual_seed(2)
         inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
         rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
-        floor_ms = None
         for name, fn in methods.items():
             row = {"B": b, "T": t, "D": d, "V": v, "method": name}
             if isinstance(fn, str):
                 rows.append({**row, "skipped": fn})
                 continue
-            try:
-                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-                base = torch.cuda.memory_allocated()
-
-                def fwd_bwd():
-                    hh.grad = ww.grad = None
-                    fn(hh, ww, y, inf_lp, rewards).backward()
-
-                row["fwd_bwd_ms"] = _time(fwd_bwd, reps=reps)
-                hh.grad = ww.grad = None
-                torch.cuda.empty_cache()
-                row["peak_gib_above_inputs"] = _peak_above(fwd_bwd, base)
+            _measure(row, fn, h, w, (y, inf_lp, rewards), reps, with_fwd=False)
+            if "skipped" not in row:
                 row["tflops_4gemm"] = 8.0 * b * t * d * v / row["fwd_bwd_ms"] / 1e9
-            except torch.OutOfMemoryError:
-                row["skipped"] = "out of memory"
-            except Exception as exc:  # noqa: BLE001
-                row["skipped"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            hh = ww = None
-            torch.cuda.empty_cache()
             rows.append(row)
-            print(f"    {row}", flush=True)
         del h, w, y
         torch.cuda.empty_cache()
     return rows
