@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from oapl.config import Config  # noqa: E402
-from oapl.generator import Rollout  # noqa: E402
-from oapl.policy import Policy  # noqa: E402
-from oapl.trainer import LocalTrainer, collate  # noqa: E402
+from oapl.batch import Rollout  # noqa: E402
+from oapl.training.policy import Policy  # noqa: E402
+from oapl.batch import collate
+from oapl.training.trainer import LocalTrainer  # noqa: E402
 
 
 def _model_dir(vocab: int, hidden: int) -> str:

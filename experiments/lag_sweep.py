@@ -13,7 +13,7 @@ and the loss differ.
 
 Methods (``METHODS``):
   oapl       OAPL (beta1=1); tuned key: beta2
-  grpo_tis   GRPO, pi_old = the detached current policy, truncated IS min(pi/pi_vllm, 2):
+  grpo_tis   GRPO, pi_old = the detached current policy, truncated IS min(pi/pi_lag, 2):
              a truncated-IS policy gradient with group-normalized advantages; tuned key: lr
   grpo_clip  GRPO, PPO-clip (eps 0.2) against the sampler's log-probs (optional third arm);
              tuned key: lr
@@ -160,7 +160,7 @@ def policy_reward(model_dir: str, temperature: float = 1.0) -> dict:
         from transformers import AutoModelForCausalLM
 
         from oapl import tiny
-        from oapl.data import toy_task
+        from oapl.tasks.toy import toy_task
 
         return _policy_reward(model_dir, temperature, torch, AutoModelForCausalLM, tiny, toy_task)
 

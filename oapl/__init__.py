@@ -1,9 +1,17 @@
-"""oapl: off-policy RL post-training of LLMs with OAPL, around a lagged vLLM generator.
+"""oapl: off-policy RL post-training of LLMs with OAPL, around a lagged vLLM engine.
 
-Modules: ``config`` (run configs), ``data`` (prompts, toy tasks), ``rewards``, ``generator``
-(vLLM), ``policy`` (HF model as hidden states + lm_head), ``trainer`` (one optimizer step via
-``oapl_kernels``), ``checkpoint``, ``metrics``, ``plot``, ``loop`` (the lagged loop), ``tiny``
-(the built-in tiny model), ``rollout_file`` / ``offline`` (rollout files, offline training and
-rounds), ``evaluate`` (pass@k), ``model_dir`` (checkpoints as HF directories) and ``cli`` (the
-``oapl`` command). Heavy imports (torch, vLLM) happen in the modules that need them.
+Layers, each importing only those below it:
+
+- ``cli`` / ``distributed`` (torchrun entry) / ``offline`` (generate, rounds) / ``evaluate``:
+  the commands;
+- ``loop``: the one step loop over a batch source; ``run``: run directory, seeds, threads,
+  loggers, final export;
+- ``sources``: where batches come from (an engine inline, a rollout file);
+- ``engine``: vLLM (the generator, its child process); ``training``: policy, trainers,
+  checkpoints;
+- ``tasks`` (records and their default reward), ``rewards`` (scorers), ``prompts``,
+  ``batch`` (the types that flow: Rollout, TrainBatch, collation, scoring);
+- ``config``, ``metrics``, ``plot``, ``model_dir`` / ``model_source`` / ``tiny`` (models).
+
+Heavy imports (torch, vLLM) happen in the modules that need them.
 """

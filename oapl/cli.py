@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    from .console import quiet
+
+    quiet()
     try:
         args.fn(args)
     except ValueError as e:

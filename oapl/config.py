@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any
 import yaml
 
 ALGORITHMS = ("oapl", "grpo")
-REF_LOGPROBS = ("sampler", "recompute")
+LAG_LOGPROBS = ("sampler", "recompute")
+LOGGERS = ("tensorboard", "wandb")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 GRPO_OLD = ("sampler", "detached")
 
@@ -36,9 +38,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Prompts and their reward. ``source``: ``toy:<task>``, ``word_problems`` (``split``:
-    train | eval; see ``oapl.data.word_problem_records``), a ``.jsonl`` / ``.parquet`` file,
-    or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
+    """Prompts and their reward. ``source``: a task (``oapl.tasks``): ``toy:<task>``,
+    ``word_problems`` (``split``: train | eval), a ``.jsonl`` / ``.parquet`` prompt file, or
+    ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
 
     source: str = "toy:max"
     split: str = "train"
@@ -49,10 +51,11 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
-    reward: str = "toy"  # toy | exact_match | math | word_problems
+    reward: str | None = None  # a name in oapl.rewards.REWARDS; None: the task's own scorer
+    reward_workers: int = 1  # reward calls in parallel (threads; for rewards that run programs)
     prompts_per_step: int = 64  # prompts per generated batch
     # A rollout file (.parquet / .jsonl, from `oapl generate`): `oapl train` then trains on it
-    # offline, with no generator (see oapl/offline.py); prompts_per_step groups per batch.
+    # offline, with no engine (oapl.sources.rollout_file); prompts_per_step groups per batch.
     rollouts: str | None = None
 
 
@@ -88,11 +91,11 @@ class AlgorithmConfig:
     tis_cap: float | None = None  # GRPO: truncated importance sampling cap
     # GRPO: pi_old in the clipped ratio; sampler: the engine's log-probs (PPO-clip against the
     # behaviour policy); detached: the current policy (ratio 1), so with tis_cap the loss is a
-    # truncated-IS policy gradient weighted by min(pi_theta / pi_vllm, tis_cap).
+    # truncated-IS policy gradient weighted by min(pi_theta / pi_lag, tis_cap).
     grpo_old: str = "sampler"
     # Source of log pi_lag. sampler: the engine's log-probs; recompute: a frozen copy of the
     # policy as of the last push (one more copy of the weights) recomputes them, trainer-side.
-    ref_logprobs: str = "sampler"
+    lag_logprobs: str = "sampler"
     sync_every: int = 1
 
 
@@ -120,6 +123,9 @@ class OutputConfig:
     save_every: int = 100  # checkpoint period in optimizer steps
     keep_checkpoints: int = 2
     plot: bool = True  # write <output_dir>/curves.png at the end
+    # Besides metrics.jsonl (always): "tensorboard" (event files under <output_dir>/tensorboard)
+    # and/or "wandb" (offline mode, under <output_dir>/wandb; needs the wandb package).
+    loggers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -143,7 +149,9 @@ class Config:
         """Raise ``ValueError`` on an inconsistent configuration."""
         a, t, d, g = self.algorithm, self.trainer, self.data, self.generation
         _choice("algorithm.name", a.name, ALGORITHMS)
-        _choice("algorithm.ref_logprobs", a.ref_logprobs, REF_LOGPROBS)
+        _choice("algorithm.lag_logprobs", a.lag_logprobs, LAG_LOGPROBS)
+        for name in self.output.loggers:
+            _choice("output.loggers[]", name, LOGGERS)
         _choice("algorithm.grpo_old", a.grpo_old, GRPO_OLD)
         _choice("generation.logprobs_mode", g.logprobs_mode, LOGPROBS_MODES)
         _choice("trainer.kernel_impl", t.kernel_impl, ("auto", "triton", "torch"))
@@ -151,6 +159,7 @@ class Config:
             ("generation.n", g.n),
             ("generation.max_tokens", g.max_tokens),
             ("data.prompts_per_step", d.prompts_per_step),
+            ("data.reward_workers", d.reward_workers),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
             ("algorithm.sync_every", a.sync_every),
@@ -161,12 +170,12 @@ class Config:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
-        if a.ref_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:
+        if a.lag_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:
             raise ValueError(
                 "generation.logprobs_mode=raw_logprobs gives untempered log-probs, so with "
-                f"generation.temperature={g.temperature} and algorithm.ref_logprobs=sampler the "
+                f"generation.temperature={g.temperature} and algorithm.lag_logprobs=sampler the "
                 "loss would compare different distributions: use processed_logprobs or "
-                "algorithm.ref_logprobs=recompute"
+                "algorithm.lag_logprobs=recompute"
             )
         if a.name == "oapl" and (a.beta1 <= 0 or a.beta2 <= 0):
             raise ValueError(f"algorithm.beta1 and beta2 must be > 0, got {a.beta1}, {a.beta2}")
@@ -290,8 +299,16 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file at ``path`` (if given) <- dotted ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist")
         with open(path) as f:
-            _apply(cfg, yaml.safe_load(f) or {})
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark else path
+                raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        _apply(cfg, data or {})
     _apply(cfg, parse_overrides(list(overrides)))
     cfg.validate()
     return cfg

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=N -m oapl.cli train CONFIG [key=value ...]
 
 Rank 0 prepares the model, starts the vLLM engine (in a child process, see
-``oapl.generator_process``) and runs the ordinary loop (``oapl.loop.train``) with an
+``oapl.engine.process``) and runs the ordinary loop (``oapl.loop.train``) with an
 ``FSDPTrainer``; ranks 1..N-1 build the same ``FSDPTrainer`` and follow rank 0's commands.
 The process group uses nccl on CUDA (one GPU per local rank) and gloo on the CPU.
 """
@@ -17,12 +17,14 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
-from .fsdp_trainer import FSDPTrainer, stop_followers
-from .generator import Generator
-from .generator_process import GeneratorProcess
-from .loop import prepare_model, train as loop_train
-from .policy import Policy
-from .trainer import resolve_device
+from .engine.generator import Generator
+from .engine.process import GeneratorProcess
+from .loop import train as loop_train
+from .model_dir import model_dir
+from .run import set_threads
+from .training.fsdp_trainer import FSDPTrainer, stop_followers
+from .training.policy import Policy
+from .training.trainer import resolve_device
 
 
 def launched() -> bool:
@@ -46,10 +48,9 @@ def train(cfg: Config, generator: Generator | None = None) -> dict | None:
     """Run (or resume) ``cfg`` on all ranks of the torchrun world; rank 0 returns the loop's
     summary, the others None. ``generator``: rank 0's engine to use instead of a new one."""
     device = _init(cfg)
-    if cfg.trainer.num_threads is not None:
-        torch._C.set_num_threads(cfg.trainer.num_threads)
+    set_threads(cfg)
     rank = dist.get_rank()
-    path = [prepare_model(cfg) if rank == 0 else None]
+    path = [model_dir(cfg.model.path, cfg) if rank == 0 else None]
     dist.broadcast_object_list(path, src=0)
     summary = None
     if rank == 0:

@@ -29,14 +29,14 @@ from collections.abc import Sequence
 
 from transformers import AutoTokenizer
 
+from .batch import score_rollouts
 from .config import Config
-from .data import load_prompts
-from .generator import Generator, VLLMGenerator
+from .engine.generator import Generator, VLLMGenerator, sample_groups
 from .model_dir import model_dir, push_model
-from .offline import engine_dtype, sample_groups, set_threads
-from .rewards import get_reward_fn, score_all
-
-EVAL_SEED_OFFSET = 2**40  # training seeds are seed * 1_000_000_007 + (samples so far) < 2**40
+from .prompts import load_prompts
+from .rewards import get_reward_fn
+from .run import EVAL_SEED_OFFSET, engine_dtype, sampling_seed, set_threads
+from .tasks import reward_name
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -127,9 +127,9 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
     labels = model_labels(paths)
     tok = AutoTokenizer.from_pretrained(dirs[0])
     prompts = load_prompts(cfg.data, tok)
-    reward_fn = get_reward_fn(cfg.data.reward)
+    reward_fn = get_reward_fn(reward_name(cfg.data))
     n = cfg.generation.n
-    seed = cfg.seed * 1_000_000_007 + EVAL_SEED_OFFSET
+    seed = sampling_seed(cfg.seed, EVAL_SEED_OFFSET)
     own = generator is None
     if own:
         generator = VLLMGenerator(dirs[0], cfg.generation, seed=cfg.seed)
@@ -140,13 +140,12 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
                 push_model(generator, path, 0, engine_dtype(cfg))
             rollouts = sample_groups(generator, prompts, cfg.generation, seed,
                                      cfg.data.prompts_per_step, f"oapl eval {label}")
-            texts = tok.batch_decode([r.completion_ids for r in rollouts],
-                                     skip_special_tokens=True)
             records = [prompts[r.prompt_index].record for r in rollouts]
-            rewards, _ = score_all(reward_fn, records, texts)
+            texts, rewards, _ = score_rollouts(reward_fn, tok, rollouts, records,
+                                               cfg.data.reward_workers)
             samples = [
                 {"model": label, "prompt_id": r.prompt_index, "sample": j % n,
-                 "prompt": rec["prompt"], "answer": rec["answer"], "completion": text,
+                 "prompt": rec["prompt"], "answer": rec.get("answer"), "completion": text,
                  "reward": reward, "correct": int(reward >= 1.0),
                  "finish_reason": r.finish_reason, "num_tokens": len(r.completion_ids)}
                 for j, (r, rec, text, reward) in enumerate(zip(rollouts, records, texts, rewards))

@@ -1,196 +1,61 @@
-"""The lagged loop: generate -> score -> train -> every L steps push weights to the generator.
+"""The one step loop, over a batch source (``oapl.sources``):
 
-    version = 0                       (the engine holds the trainer's initial weights)
-    repeat:
-        prompts <- next batch; rollouts <- generator (n per prompt, tagged with its version)
-        rewards <- reward_fn(record, completion text)
+    source <- make_source(cfg)        (engine inline, or a rollout file)
+    repeat until trainer.steps:
+        batch <- source.next_batch()  (scored; rows tagged with the version that sampled them)
+        log pi_lag of the batch       (the sampler's, or recomputed by a frozen copy)
         for each of `trainer.minibatches` slices: one optimizer step; step += 1
-            if step % L == 0: push weights; version = step
-        every `output.save_every` steps: checkpoint
+            if step % L == 0: source.push(weights)   (the engine takes them as version `step`)
+            metrics -> loggers
+        every `output.save_every` steps: checkpoint (trainer, RNGs, the source's position)
+    final_model, curves.png
 
-A policy version is the trainer step whose weights the engine holds, so a step's ``lag`` is the
-number of optimizer steps the policy took since the weights that sampled its batch (0 at L=1
-with one minibatch). Between pushes the loop keeps sampling from the stale engine.
+A policy version is the trainer step whose weights the sampler held, so a step's ``lag`` is
+the number of optimizer steps the policy took since the weights that sampled its rows (0 at
+L=1 with one minibatch). Online training, offline training on a rollout file, each round of
+``oapl rounds`` and the rank-0 process under torchrun all run this loop.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
-import yaml
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from . import tiny
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config, save_config
-from .data import PromptSampler, load_prompts, toy_task
-from .generator import Generator, Rollout, VLLMGenerator
-from .metrics import MetricsLog, step_record
-from .plot import plot_runs
-from .policy import Policy
-from .rewards import get_reward_fn, score_all
-from .trainer import LocalTrainer, TrainBatch, collate, resolve_device
+from .config import Config
+from .engine.generator import Generator
+from .metrics import step_record
+from .model_dir import model_dir
+from .run import Loggers, export_final, open_run_dir, seed_all, set_threads, check_run_dir
+from .sources import BatchSource, SampledBatch, make_source
+from .training.checkpoint import load_checkpoint, save_checkpoint
+from .training.policy import Policy
+from .training.trainer import LocalTrainer, Trainer, resolve_device
 
-# Keys that may differ between a run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "trainer.steps"}
 # Mean |sampler - trainer| log-prob per completion token at the same weights above which the
 # loop warns (once per run). bf16 engine vs fp32 trainer measured 0.001-0.006 nats on the tiny
 # model; untempered raw_logprobs at temperature 0.7 gave 0.10-0.19.
-ABSDIFF_WARN = 0.05
+MISMATCH_WARN = 0.05
 
 
-def prepare_model(cfg: Config) -> str:
-    """The model directory to train: ``cfg.model.path`` (a HF directory, or a built-in alias
-    such as ``builtin:smollm2-135m-instruct`` resolved by ``oapl.model_source``), or the tiny
-    model built (once, deterministically) under ``<output_dir>/base_model`` with its format
-    warm-up on the toy task's prompts."""
-    if cfg.model.path != "tiny":
-        from .model_source import BUILTIN_PREFIX, resolve_model
+class _Loop:
+    """The state of one run: config, trainer, source, loggers, position."""
 
-        path = cfg.model.path
-        return resolve_model(path) if path.startswith(BUILTIN_PREFIX) else path
-    steps = cfg.model.tiny_format_warmup_steps
-    prompts, answers = [], []
-    if steps:
-        if not cfg.data.source.startswith("toy:"):
-            raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
-        task = toy_task(cfg.data.source[4:])
-        tok = tiny.build_tokenizer()
-        prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"] for r in task.records]
-        answers = task.answers
-    return tiny.build_tiny_model(
-        os.path.join(cfg.output_dir, "base_model"),
-        seed=cfg.model.tiny_seed,
-        warmup_prompts=prompts,
-        warmup_answers=answers,
-        warmup_steps=steps,
-    )
+    def __init__(self, cfg: Config, trainer: Trainer, source: BatchSource, step: int):
+        self.cfg, self.trainer, self.source, self.step = cfg, trainer, source, step
+        self.loggers = Loggers(cfg, step)
+        self.warned_mismatch = False
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "engine_kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _prepare_run_dir(cfg: Config) -> str | None:
-    """Create the run directory and save ``config.yaml``; on resume, check the saved config
-    matches and return the latest checkpoint (None if there is none yet)."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    cfg_path = os.path.join(cfg.output_dir, "config.yaml")
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    if not cfg.resume:
-        if os.path.exists(os.path.join(cfg.output_dir, "metrics.jsonl")):
-            raise ValueError(
-                f"{cfg.output_dir} already holds a run: pass resume=true, or another output_dir"
-            )
-        save_config(cfg, cfg_path)
-        return None
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            saved = _flatten(yaml.safe_load(f))
-        now = _flatten(cfg.to_dict())
-        diff = sorted(k for k in saved.keys() | now.keys()
-                      if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
-        if diff:
-            raise ValueError(f"resume: config differs from {cfg_path} in {diff}")
-    save_config(cfg, cfg_path)
-    ckpts = list_checkpoints(ckpt_root)
-    return ckpts[-1] if ckpts else None
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class _Batch:
-    """One generated and scored batch: its rollouts (in group order), their rewards as a
-    ``TrainBatch``, which reward calls failed, and how long generating and scoring took."""
-
-    rollouts: list[Rollout]
-    batch: TrainBatch
-    failed: list[bool]
-    generate_s: float
-    score_s: float
-    ref_s: float  # computing log pi_lag (the frozen reference's forward with recompute)
-
-
-class _Run:
-    """The state of one training run: model, data, engine, trainer, position."""
-
-    def __init__(self, cfg: Config, generator: Generator | None, trainer_cls: type = LocalTrainer):
-        self.cfg = cfg
-        if cfg.trainer.num_threads is not None:
-            torch._C.set_num_threads(cfg.trainer.num_threads)  # vLLM makes torch's own a no-op
-        latest = _prepare_run_dir(cfg)
-        model_path = prepare_model(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        tok = self.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.prompts = load_prompts(cfg.data, tok)
-        self.reward_fn = get_reward_fn(cfg.data.reward)
-        self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
-        _seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
-        device = resolve_device(cfg.trainer.device)
-        self.policy = Policy.from_pretrained(model_path, getattr(torch, cfg.model.dtype), device)
-        self.trainer = trainer_cls(self.policy, cfg)
-        self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
-        self.step = 0
-        if latest is not None:
-            state = load_checkpoint(latest, self.trainer)
-            self.step = state["step"]
-            self.sampler.load_state_dict(state["sampler"])
-        # The engine starts from the trainer's weights (a resumed run's, or a reused engine's).
-        self.generator.load_weights(self.trainer.named_weights(), version=self.step)
-        self.trainer.freeze_reference(self.step)
-        self.warned_absdiff = False
-        self.log = MetricsLog(os.path.join(cfg.output_dir, "metrics.jsonl"))
-        self.log.truncate_after(self.step)
-
-    def generate_batch(self) -> _Batch:
-        """Sample ``n`` completions of the next prompts from the engine as it is, and score
-        them. The sampling seed depends only on the run seed and the batch number."""
-        cfg = self.cfg
-        idx = self.sampler.next_batch()
-        batch_no = self.step // cfg.trainer.minibatches
-        seed = cfg.seed * 1_000_000_007 + batch_no * len(idx) * cfg.generation.n
-        t = time.perf_counter()
-        groups = self.generator.generate(
-            [self.prompts[i].token_ids for i in idx], idx, cfg.generation, seed=seed
-        )
-        generate_s = time.perf_counter() - t
-        rollouts = [r for g in groups for r in g]
-        t = time.perf_counter()
-        texts = self.tokenizer.batch_decode(
-            [r.completion_ids for r in rollouts], skip_special_tokens=True
-        )
-        records = [self.prompts[r.prompt_index].record for r in rollouts]
-        rewards, failed = score_all(self.reward_fn, records, texts)
-        score_s = time.perf_counter() - t
-        batch = collate(rollouts, rewards, self.pad_id)
-        t = time.perf_counter()
-        batch.ref_logprobs = self.trainer.reference_logprobs(batch)  # at the sampling weights
-        ref_s = time.perf_counter() - t
-        return _Batch(rollouts, batch, failed, generate_s, score_s, ref_s)
-
-    def train_step(self, b: _Batch, rows: slice) -> dict:
-        """One optimizer step on rows ``rows`` of ``b``, the weight push if one is due, and
-        the step's metrics record."""
+    def train_minibatch(self, b: SampledBatch, rows: slice) -> dict:
+        """One optimizer step on rows ``rows`` of ``b``, the push if one is due, and the
+        step's metrics record."""
         k = self.cfg.trainer.minibatches
-        mb = b.batch.rows(rows.start, rows.stop)
+        mb = b.train.rows(rows.start, rows.stop)
         t = time.perf_counter()
         m = self.trainer.train_step(mb)
         train_s = time.perf_counter() - t
@@ -199,33 +64,32 @@ class _Run:
         sync_s = 0.0
         if self.step % self.cfg.algorithm.sync_every == 0:
             t = time.perf_counter()
-            self.generator.load_weights(self.trainer.named_weights(), version=self.step)
-            self.trainer.freeze_reference(self.step)
+            self.source.push(self.trainer, self.step)
             sync_s = time.perf_counter() - t
-        step_s = (b.generate_s + b.score_s + b.ref_s) / k + train_s + sync_s
-        rollouts = b.rollouts[rows]
+        timings = {"generate_s": 0.0, "score_s": 0.0, "lag_logprobs_s": 0.0,
+                   **{key: v / k for key, v in b.timings.items()}}
+        step_s = sum(timings.values()) + train_s + sync_s
         return step_record(
-            self.step, mb, rollouts, m, lag=lag, reward_errors=sum(b.failed[rows]), step_s=step_s,
-            generate_s=b.generate_s / k, score_s=b.score_s / k, train_s=train_s, sync_s=sync_s,
-            ref_s=b.ref_s / k, **self.agreement(mb, m, lag),
+            self.step, mb, b.rollouts[rows], m, lag=lag, reward_errors=sum(b.failed[rows]),
+            step_s=step_s, train_s=train_s, sync_s=sync_s, **timings,
+            **self.source.metrics(), **self.mismatch(mb, m, lag),
         )
 
-    def agreement(self, mb: TrainBatch, m: dict, lag: float) -> dict:
-        """``sampler_trainer_absdiff_mean`` / ``_max``: |log pi_vllm - log pi_trainer| per
-        completion token of ``mb``, at the same weights. With ``ref_logprobs=recompute`` on
-        every step (the frozen reference holds the weights that sampled the batch); with
-        ``sampler`` on steps of lag 0 (the policy still holds them: the trainer's own
-        forward, ``m``, gives them for free); else ``{}``. Warns once per run when the mean
-        exceeds ``ABSDIFF_WARN``."""
-        if self.cfg.algorithm.ref_logprobs == "recompute":
-            diff = (mb.ref_logprobs - mb.inference_logprobs).abs()[mb.loss_mask]
+    def mismatch(self, mb, m: dict, lag: float) -> dict:
+        """``sampler_mismatch_mean`` / ``_max``: |sampler - trainer| log-prob per completion
+        token of ``mb`` at the same weights. With ``lag_logprobs=recompute`` on every step
+        (the frozen copy holds the weights that sampled the batch); with ``sampler`` on steps
+        of lag 0 (the policy still holds them: the trainer's own forward gives them for
+        free); else ``{}``. Warns once per run when the mean exceeds ``MISMATCH_WARN``."""
+        if self.cfg.algorithm.lag_logprobs == "recompute":
+            diff = (mb.lag_logprobs - mb.sampler_logprobs).abs()[mb.loss_mask]
             mean, top = float(diff.mean()), float(diff.max())
-        elif lag == 0 and "sampler_absdiff_mean" in m:
-            mean, top = m["sampler_absdiff_mean"], m["sampler_absdiff_max"]
+        elif lag == 0:
+            mean, top = m["token_logratio_abs_mean"], m["token_logratio_abs_max"]
         else:
             return {}
-        if mean > ABSDIFF_WARN and not self.warned_absdiff:
-            self.warned_absdiff = True
+        if mean > MISMATCH_WARN and not self.warned_mismatch:
+            self.warned_mismatch = True
             g = self.cfg.generation
             warnings.warn(
                 f"step {self.step}: the engine's log-probs differ from the trainer's by "
@@ -236,57 +100,69 @@ class _Run:
                 "truncated set) and the engine dtype",
                 RuntimeWarning, stacklevel=2,
             )
-        return {"sampler_trainer_absdiff_mean": mean, "sampler_trainer_absdiff_max": top}
+        return {"sampler_mismatch_mean": mean, "sampler_mismatch_max": top}
 
     def checkpoint_due(self) -> bool:
-        """At every ``save_every`` steps, and at the end where a checkpoint is possible."""
+        """At every ``save_every`` steps, and at the end where the sampler holds the trainer's
+        weights between batches (a multiple of lcm(sync_every, minibatches))."""
         cfg = self.cfg
         if self.step % cfg.output.save_every == 0:
             return True
         period = math.lcm(cfg.algorithm.sync_every, cfg.trainer.minibatches)
         return self.step == cfg.trainer.steps and self.step % period == 0
 
-    def run(self) -> dict:
+    def run(self) -> None:
         cfg, k = self.cfg, self.cfg.trainer.minibatches
         bar = tqdm(total=cfg.trainer.steps, initial=self.step, desc="oapl train")
         rewards: list[float] = []
         while self.step < cfg.trainer.steps:
-            b = self.generate_batch()
-            per = len(b.batch) // k
+            b = self.source.next_batch()
+            t = time.perf_counter()
+            b.train.lag_logprobs = self.trainer.lag_logprobs(b.train)  # at the sampling weights
+            b.timings["lag_logprobs_s"] = time.perf_counter() - t
+            per = len(b.train) // k
             for j in range(k):
-                record = self.train_step(b, slice(j * per, (j + 1) * per))
-                self.log.write(record)
+                record = self.train_minibatch(b, slice(j * per, (j + 1) * per))
+                self.loggers.write(record)
                 rewards.append(record["reward_mean"])
                 bar.update(1)
                 bar.set_postfix(reward10=f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}",
                                 lag=f"{record['lag']:.0f}", loss=f"{record['loss']:.4f}")
             if self.checkpoint_due():
-                state = {"step": self.step, "sampler": self.sampler.state_dict()}
+                state = {"step": self.step, "source": self.source.state_dict()}
                 root = os.path.join(cfg.output_dir, "checkpoints")
                 save_checkpoint(root, self.trainer, state, keep=cfg.output.keep_checkpoints)
         bar.close()
-        final_dir = os.path.join(cfg.output_dir, "final_model")
-        self.trainer.save_pretrained(final_dir)
-        self.tokenizer.save_pretrained(final_dir)
-        summary = {"steps": self.step, "output_dir": cfg.output_dir}
-        if cfg.output.plot:
-            png = os.path.join(cfg.output_dir, "curves.png")
-            summary["plot"] = plot_runs([cfg.output_dir], png)
-        return summary
+        self.loggers.close()
 
 
 def train(cfg: Config, generator: Generator | None = None,
           trainer_cls: type = LocalTrainer) -> dict:
     """Run (or resume) the training run ``cfg``; return a summary dict.
 
-    ``generator``: an engine to reuse (the trainer's weights are pushed into it at the start);
-    by default a ``VLLMGenerator`` is built for the model. ``trainer_cls(policy, cfg)``: the
-    trainer (``oapl.fsdp_trainer.FSDPTrainer`` under torchrun, see ``oapl.distributed``).
-    With ``data.rollouts`` set, trains offline on that rollout file instead, with no
-    generator (``oapl.offline.train_from_file``).
+    ``generator``: an engine to sample with (the trainer's weights are pushed into it at the
+    start); by default the source builds one. ``trainer_cls(policy, cfg)``: the trainer
+    (``oapl.training.fsdp_trainer.FSDPTrainer`` under torchrun, see ``oapl.distributed``).
+    With ``data.rollouts`` set, the batches come from that rollout file and no engine runs.
     """
-    if cfg.data.rollouts is not None:
-        from .offline import train_from_file
-
-        return train_from_file(cfg, trainer_cls)
-    return _Run(cfg, generator, trainer_cls).run()
+    set_threads(cfg)
+    check_run_dir(cfg)  # before any slow work
+    path = model_dir(cfg.model.path, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    source = make_source(cfg, path, tokenizer, generator)  # validates a rollout file in full
+    try:
+        latest = open_run_dir(cfg)
+        seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
+        policy = Policy.from_pretrained(path, getattr(torch, cfg.model.dtype),
+                                        resolve_device(cfg.trainer.device))
+        trainer = trainer_cls(policy, cfg)
+        step = 0
+        if latest is not None:
+            state = load_checkpoint(latest, trainer)
+            step = state["step"]
+            source.load_state_dict(state["source"])
+        source.start(trainer, step)
+        _Loop(cfg, trainer, source, step).run()
+        return {"steps": cfg.trainer.steps, **export_final(cfg, trainer, tokenizer)}
+    finally:
+        source.close()

@@ -57,6 +57,7 @@ def step_record(step: int, batch, rollouts, m: dict, *, lag: int, reward_errors:
         "entropy_mean": m["entropy_mean"],
         "adv_abs_mean": m["adv_abs_mean"],
         "grad_norm": m["grad_norm"],
+        "token_logratio_abs_mean": m["token_logratio_abs_mean"],
         "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "tokens_per_s": m["train_tokens"] / step_s,

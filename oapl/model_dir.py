@@ -1,7 +1,7 @@
 """Any model a command may name, as a Hugging Face directory that vLLM and transformers load.
 
 ``model_dir(path, cfg)`` accepts ``tiny`` (the built-in model, built under
-``<cfg.output_dir>/base_model``), a built-in alias (``builtin:smollm2-135m-instruct``, see
+``<cfg.output_dir>/base_model`` by ``prepare_tiny``), a built-in alias (``builtin:smollm2-135m-instruct``, see
 ``oapl.model_source``), a HF directory (a run's ``final_model`` or ``base_model``
 included), or a training checkpoint ``<run>/checkpoints/step_<N>`` (weights and optimizer
 only): the checkpoint's weights are loaded into its run's base model and saved once, as a HF
@@ -16,13 +16,37 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 
 import torch
 import yaml
 
+from . import tiny
 from .config import Config
-from .generator import Generator
+from .engine.generator import Generator
 from .model_source import BUILTIN_PREFIX, resolve_model
+from .tasks.toy import toy_task
+
+
+def prepare_tiny(cfg: Config) -> str:
+    """The tiny model built (once, deterministically) under ``<output_dir>/base_model``, with
+    its format warm-up (``model.tiny_format_warmup_steps``) on the toy task's prompts."""
+    steps = cfg.model.tiny_format_warmup_steps
+    prompts, answers = [], []
+    if steps:
+        if not cfg.data.source.startswith("toy:"):
+            raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
+        task = toy_task(cfg.data.source[4:])
+        tok = tiny.build_tokenizer()
+        prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"] for r in task.records]
+        answers = task.answers
+    return tiny.build_tiny_model(
+        os.path.join(cfg.output_dir, "base_model"),
+        seed=cfg.model.tiny_seed,
+        warmup_prompts=prompts,
+        warmup_answers=answers,
+        warmup_steps=steps,
+    )
 
 
 def is_checkpoint(path: str) -> bool:
@@ -66,22 +90,28 @@ def _export_checkpoint(ckpt: str, out_root: str) -> str:
 def model_dir(path: str, cfg: Config) -> str:
     """``path`` (``tiny``, a HF directory, or a checkpoint) as a HF directory."""
     if path == "tiny":
-        from .loop import prepare_model
-
-        return prepare_model(cfg)
+        return prepare_tiny(cfg)
     if path.startswith(BUILTIN_PREFIX):  # e.g. builtin:smollm2-135m-instruct
         return resolve_model(path)
     if is_checkpoint(path):
         return _export_checkpoint(path, os.path.join(cfg.output_dir, "models"))
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} is neither `tiny`, a HF model directory nor a checkpoint")
+        raise ValueError(f"model {path!r}: not `tiny`, a builtin: alias, a HF model directory "
+                         "or a checkpoint")
     return path
+
+
+def hf_weights(path: str, dtype: str = "float32") -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every parameter of the HF directory ``path``, loaded as ``dtype``
+    (a tied lm_head appears once)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    for name, p in model.named_parameters():
+        yield name, p.detach()
 
 
 def push_model(generator: Generator, path: str, version: int, dtype: str = "float32") -> None:
     """Load the weights of the HF directory ``path`` (as ``dtype``) into ``generator``; the
     engine must have been built for the same architecture."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    generator.load_weights(((n, p.detach()) for n, p in model.named_parameters()), version)
+    generator.load_weights(hf_weights(path, dtype), version)

@@ -33,6 +33,8 @@ class LossOutput:
     seq_logratio_mean: scalar, mean over sequences of sum_t mask (logp - inference_logprobs).
     entropy_mean: scalar, mean token entropy over the mask.
     clip_frac: scalar, share of masked tokens whose ratio was clipped (GRPO; None for OAPL).
+    weighting: "sequence" (the loss is a mean over sequences: weight a micro-batch's loss by
+    its share of the batch's sequences) or "token" (a mean over completion tokens).
     """
 
     loss: torch.Tensor
@@ -43,6 +45,7 @@ class LossOutput:
     seq_logratio_mean: torch.Tensor
     entropy_mean: torch.Tensor
     clip_frac: torch.Tensor | None = None
+    weighting: str = "sequence"
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -253,6 +256,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         loss=loss, logprobs=logp.detach(), advantages=adv, values=mean, residuals=None,
         seq_logratio_mean=(logp.detach() - ref).sum(dim=1).mean(),
         entropy_mean=(ent.detach() * m).sum() / n_tok, clip_frac=clipped.sum() / n_tok,
+        weighting="token",
     )
 
 

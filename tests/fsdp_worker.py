@@ -17,7 +17,7 @@ import torch
 
 from oapl.config import load_config
 from oapl.distributed import launched
-from oapl.generator import Rollout
+from oapl.batch import Rollout
 
 EOS, DIGITS = 2, range(4, 14)  # the tiny tokenizer's ids
 

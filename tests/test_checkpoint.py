@@ -8,12 +8,13 @@ import random
 import pytest
 import torch
 
-from oapl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from oapl.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from oapl.config import Config
-from oapl.generator import Rollout
+from oapl.batch import Rollout
 from oapl.metrics import MetricsLog, read_metrics
-from oapl.policy import Policy
-from oapl.trainer import LocalTrainer, collate
+from oapl.training.policy import Policy
+from oapl.batch import collate
+from oapl.training.trainer import LocalTrainer
 
 
 def _trainer(model_dir):

@@ -37,8 +37,8 @@ def test_yaml_then_overrides(tmp_path):
         ("trainer.steps=1.5", "trainer.steps: cannot use 1.5"),
         ("resume=yes please", "resume: cannot use"),
         ("algorithm.name=ppo", "algorithm.name must be one of ['oapl', 'grpo']"),
-        ("algorithm.ref_logprobs=lagged",
-         "algorithm.ref_logprobs must be one of ['sampler', 'recompute']"),
+        ("algorithm.lag_logprobs=lagged",
+         "algorithm.lag_logprobs must be one of ['sampler', 'recompute']"),
         ("generation.logprobs_mode=raw_logits", "generation.logprobs_mode must be one of"),
         ("trainer=3", "trainer must be a mapping"),
         ("trainer.lr", "not of the form key=value"),
@@ -63,7 +63,7 @@ def test_raw_logprobs_refused_as_log_pi_lag_away_from_temperature_1():
     with pytest.raises(ValueError, match="untempered log-probs"):
         load_config(None, [raw, "generation.temperature=0.7"])
     load_config(None, [raw, "generation.temperature=1.0"])
-    load_config(None, [raw, "generation.temperature=0.7", "algorithm.ref_logprobs=recompute"])
+    load_config(None, [raw, "generation.temperature=0.7", "algorithm.lag_logprobs=recompute"])
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from oapl.config import DataConfig
-from oapl.data import PromptSampler, load_prompts, read_records, toy_task
+from oapl.prompts import PromptSampler, load_prompts
+from oapl.tasks import read_records
+from oapl.tasks.toy import toy_task
 from oapl.tiny import VOCAB, build_tokenizer
 
 
@@ -46,10 +48,40 @@ def test_file_sources_rename_keys(tmp_path, fmt):
 def test_missing_field_and_unknown_source(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "x"}\n')
-    with pytest.raises(ValueError, match="has no field 'answer'"):
+    with pytest.raises(ValueError, match="record 0 has no field 'answer', which reward "
+                                         "'exact_match' needs"):
         read_records(DataConfig(source=str(path)))
-    with pytest.raises(ValueError, match="expected toy:<task>"):
+    with pytest.raises(ValueError, match="expected one of .*toy:<task>"):
         read_records(DataConfig(source="data.csv"))
+    with pytest.raises(ValueError, match="no such file"):
+        read_records(DataConfig(source=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(ValueError, match="unknown toy task 'sum'"):
+        read_records(DataConfig(source="toy:sum"))
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": 2\n',
+     r"d.jsonl:3: not JSON \(Expecting ',' delimiter\)"),
+    ('{"prompt": "a", "answer": "1"}\n["b", 2]\n', r"d.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n',
+     r"d.jsonl:2: no prompt field 'prompt' \(fields: \['question', 'answer'\]\)"),
+])
+def test_bad_prompt_file_lines_name_file_and_line(tmp_path, text, error):
+    path = tmp_path / "d.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        read_records(DataConfig(source=str(path)))
+
+
+def test_reward_defaults_to_the_tasks_own(tmp_path):
+    from oapl.tasks import reward_name
+
+    assert reward_name(DataConfig(source="toy:max")) == "exact_match"
+    assert reward_name(DataConfig(source="word_problems")) == "final_answer"
+    assert reward_name(DataConfig(source="toy:max", reward="math")) == "math"
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x"}\n')  # no answer: fine for a reward that reads none
+    assert reward_name(DataConfig(source=str(path))) == "exact_match"
 
 
 def test_sampler_epochs_and_resume():

@@ -19,6 +19,8 @@ from oapl.metrics import read_metrics
 
 from fsdp_worker import FixedGenerator
 
+pytestmark = [pytest.mark.distributed, pytest.mark.vllm]  # torchrun; a live engine run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
 WORKER = os.path.join(ROOT, "tests", "fsdp_worker.py")

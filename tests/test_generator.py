@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from oapl.config import Config, GenerationConfig
-from oapl.data import toy_task
-from oapl.policy import Policy
+from oapl.tasks.toy import toy_task
+from oapl.training.policy import Policy
 from oapl.tiny import build_tokenizer
-from oapl.trainer import LocalTrainer, collate
+from oapl.batch import collate
+from oapl.training.trainer import LocalTrainer
 from oapl_kernels import linear_logprobs
 
 MEAN_TOL, MAX_TOL = 0.03, 0.15

@@ -10,6 +10,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+pytestmark = pytest.mark.vllm  # trains with the real engine in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "lag_sweep.py")
 # Sampler reward: mean of the last 10 steps minus mean of the first 10 (chance is 0.1).

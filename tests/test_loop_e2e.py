@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from oapl.checkpoint import list_checkpoints
+from oapl.training.checkpoint import list_checkpoints
 from oapl.cli import main
 from oapl.config import load_config
 from oapl.loop import train

@@ -16,9 +16,10 @@ from oapl import offline
 from oapl.cli import main
 from oapl.config import load_config
 from oapl.evaluate import pass_at_k_curve
+from oapl.loop import train
 from oapl.metrics import read_metrics
 from oapl.model_dir import push_model
-from oapl.rollout_file import write_rollouts
+from oapl.sources.rollout_file import write_rollouts
 from oapl_kernels import optimal_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,15 +125,15 @@ def test_stored_values_are_used(tmp_path, tiny_model_dir, engine):
                                        [{**r, "value": r["value"] + 1.0} for r in rows])}
     first = {}
     for name, f, *extra in [*files.items(),
-                            ("ref_recompute", path, "algorithm.ref_logprobs=recompute")]:
-        offline.train_from_file(load_config(TINY, [f"model.path={tiny_model_dir}", *SMALL,
+                            ("ref_recompute", path, "algorithm.lag_logprobs=recompute")]:
+        train(load_config(TINY, [f"model.path={tiny_model_dir}", *SMALL,
                                                    f"output_dir={tmp_path / name}",
                                                    f"data.rollouts={f}", "trainer.steps=1",
                                                    *extra]))
         first[name] = read_metrics(str(tmp_path / name / "metrics.jsonl"))[0]
     assert first["stored"]["loss"] == pytest.approx(first["recomputed"]["loss"], rel=1e-5)
     assert abs(first["shifted"]["loss"] - first["stored"]["loss"]) > 1e-3
-    # With ref_logprobs=recompute, log pi_lag is a frozen copy of the starting model: at the
+    # With lag_logprobs=recompute, log pi_lag is a frozen copy of the starting model: at the
     # first step the policy is that model, so the log-ratio is 0 (the sampler's is bf16 noise).
     assert first["ref_recompute"]["seq_logratio_mean"] == pytest.approx(0.0, abs=1e-6)
     assert first["stored"]["seq_logratio_mean"] != 0.0

@@ -2,7 +2,8 @@
 
 import pytest
 
-from oapl.rewards import exact_match, get_reward_fn, math_answer, score_all, toy
+from oapl.batch import score_all
+from oapl.rewards import exact_match, get_reward_fn, math_answer
 
 
 @pytest.mark.parametrize(
@@ -25,11 +26,12 @@ def test_math_unparseable_gold_raises():
         math_answer({"answer": "no number here"}, "1")
 
 
-def test_exact_match_and_toy():
+def test_exact_match():
     assert exact_match({"answer": " 7"}, "7 ") == 1.0
     assert exact_match({"answer": "7"}, "7 7") == 0.0
     rec = {"prompt": "max 3 7 =", "answer": "7", "task": "max"}
-    assert toy(rec, "7") == 1.0 and toy(rec, "3") == 0.0 and toy(rec, "") == 0.0
+    assert exact_match(rec, "7") == 1.0 and exact_match(rec, "3") == 0.0
+    assert exact_match(rec, "") == 0.0
 
 
 def test_score_all_turns_failures_into_zero():
@@ -38,12 +40,13 @@ def test_score_all_turns_failures_into_zero():
             raise RuntimeError("reward bug")
         return float("nan") if text == "nan" else 1.0
 
-    rewards, failed = score_all(flaky, [{}] * 4, ["ok", "boom", "nan", "ok"])
-    assert rewards == [1.0, 0.0, 0.0, 1.0]
-    assert failed == [False, True, True, False]
+    for workers in (1, 3):  # in order, on a thread pool too
+        rewards, failed = score_all(flaky, [{}] * 4, ["ok", "boom", "nan", "ok"], workers)
+        assert rewards == [1.0, 0.0, 0.0, 1.0]
+        assert failed == [False, True, True, False]
 
 
 def test_reward_registry():
     assert get_reward_fn("math") is math_answer
-    with pytest.raises(ValueError, match="available: \\['exact_match', 'math', 'toy', 'word_problems'\\]"):
+    with pytest.raises(ValueError, match="available: \\['exact_match', 'final_answer', 'math'\\]"):
         get_reward_fn("f1")

@@ -10,7 +10,7 @@ import pytest
 
 from oapl.config import load_config
 from oapl.loop import train
-from oapl.rollout_file import RolloutFileError, read_rollouts, write_rollouts
+from oapl.sources.rollout_file import RolloutFileError, read_rollouts, write_rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")

@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.vllm  # the real engine, in a subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "smollm2-cpu.yaml")
 TINY_RUN = ["trainer.steps=2", "data.prompts_per_step=2", "generation.n=2",
@@ -41,16 +45,16 @@ def test_smollm2_few_steps(tmp_path):
 
 def test_word_problems_source_and_reward():
     from oapl.config import load_config
-    from oapl.data import read_records
+    from oapl.tasks import read_records, reward_name
     from oapl.rewards import get_reward_fn
-    from oapl.word_problems import make_split
+    from oapl.tasks.word_problems import make_split
 
     cfg = load_config(CONFIG, ["data.limit=5"])
     assert read_records(cfg.data) == make_split("train", 5)
     held_out = read_records(load_config(CONFIG, ["data.limit=5", "data.split=eval"]).data)
     assert held_out == make_split("eval", 5)
     assert read_records(load_config(CONFIG, ["data.limit=5", "data.split=test"]).data) == held_out
-    fn = get_reward_fn(cfg.data.reward)
+    fn = get_reward_fn(reward_name(cfg.data))
     rec = held_out[0]
     assert fn(rec, f"The answer is {rec['answer']}.") == 1.0
     assert fn(rec, f"\\boxed{{{int(rec['answer']) + 1}}}") == 0.0

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from oapl.config import Config
-from oapl.generator import Rollout
-from oapl.policy import Policy
-from oapl.trainer import LocalTrainer, collate
+from oapl.batch import Rollout
+from oapl.training.policy import Policy
+from oapl.batch import collate
+from oapl.training.trainer import LocalTrainer
 from oapl_kernels import linear_logprobs
 
 
@@ -50,7 +51,7 @@ def test_collate_aligns_targets_mask_and_logprobs():
     assert b.attention_mask.tolist() == [[1] * 6 + [0], [1] * 7]
     # target t is input_ids[:, t + 1]: the completion starts at target index len(prompt) - 1
     assert b.loss_mask.tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
-    assert b.inference_logprobs[1, 3:].tolist() == [-1.0, -2.0, -3.0]
+    assert b.sampler_logprobs[1, 3:].tolist() == [-1.0, -2.0, -3.0]
     assert b.versions.tolist() == [4, 5] and b.rewards.tolist() == [1.0, 0.0]
     short = b.rows(0, 1)  # padding-only columns are cut
     assert short.input_ids.shape == (1, 6) and short.loss_mask.shape == (1, 5)
@@ -89,32 +90,32 @@ def test_train_step_lowers_the_oapl_loss(policy):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
-def test_recompute_reference_is_a_frozen_copy_of_the_pushed_weights(policy):
-    """ref_logprobs=recompute: log pi_lag from a frozen copy of the weights as of the last
+def test_recompute_lag_policy_is_a_frozen_copy_of_the_pushed_weights(policy):
+    """lag_logprobs=recompute: log pi_lag from a frozen copy of the weights as of the last
     push (at the training temperature), unmoved by optimizer steps, for rows of its version."""
     cfg = Config()
     cfg.generation.n, cfg.generation.temperature, cfg.trainer.lr = 4, 0.7, 1e-2
-    cfg.algorithm.ref_logprobs = "recompute"
+    cfg.algorithm.lag_logprobs = "recompute"
     cfg.trainer.micro_batch_size = 8
     trainer = LocalTrainer(policy, cfg)
-    trainer.freeze_reference(version=2)  # the rollouts' version
+    trainer.freeze_lag_policy(version=2)  # the rollouts' version
     batch = collate(*_rollouts(seed=2), pad_id=0)
-    ref = trainer.reference_logprobs(batch)
+    ref = trainer.lag_logprobs(batch)
     with torch.no_grad():
         hidden = policy.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]
         mine = linear_logprobs(hidden, policy.lm_head_weight, batch.input_ids[:, 1:],
                                temperature=0.7)
-    assert ref.shape == batch.inference_logprobs.shape and ref.dtype == torch.float32
+    assert ref.shape == batch.sampler_logprobs.shape and ref.dtype == torch.float32
     torch.testing.assert_close(ref, mine * batch.loss_mask, atol=1e-5, rtol=1e-5)
-    ref_model = trainer.reference.model
+    ref_model = trainer.lag_policy.model
     assert not ref_model.training and not any(p.requires_grad for p in ref_model.parameters())
 
-    batch.inference_logprobs = ref  # a sampler that agrees exactly with the trainer
-    batch.ref_logprobs = ref
+    batch.sampler_logprobs = ref  # a sampler that agrees exactly with the trainer
+    batch.lag_logprobs = ref
     m = trainer.train_step(batch)
-    assert m["sampler_absdiff_max"] < 1e-5  # at the weights before the step
-    torch.testing.assert_close(trainer.reference_logprobs(batch), ref)  # frozen: unmoved
-    assert trainer.train_step(batch)["sampler_absdiff_mean"] > 1e-3  # the policy moved
-    trainer.freeze_reference(version=4)
-    with pytest.raises(ValueError, match=r"versions \[2\], but the frozen reference holds 4"):
-        trainer.reference_logprobs(batch)
+    assert m["token_logratio_abs_max"] < 1e-5  # at the weights before the step
+    torch.testing.assert_close(trainer.lag_logprobs(batch), ref)  # frozen: unmoved
+    assert trainer.train_step(batch)["token_logratio_abs_mean"] > 1e-3  # the policy moved
+    trainer.freeze_lag_policy(version=4)
+    with pytest.raises(ValueError, match=r"versions \[2\], but the frozen lag policy holds 4"):
+        trainer.lag_logprobs(batch)

@@ -4,16 +4,8 @@ import threading
 
 import pytest
 
-from oapl.word_problems import (
-    BOXED_INSTRUCTION,
-    DEFAULT_TASK,
-    EVAL_POOL,
-    TaskSpec,
-    extract_answer,
-    last_boxed,
-    make_split,
-    score,
-)
+from oapl.rewards.math import extract_answer, last_boxed, score
+from oapl.tasks.word_problems import BOXED_INSTRUCTION, DEFAULT_TASK, EVAL_POOL, TaskSpec, make_split
 
 
 def test_splits_are_deterministic():

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from .config import GenerationConfig
-from .generator import Rollout
+from ..batch import Rollout
+from ..config import GenerationConfig
 
 # Set by torchrun; vLLM must not mistake the child for a rank of the trainer's world.
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",

@@ -1,4 +1,4 @@
-"""An easy arithmetic word-problem task, generated offline by ``reasoning-gym``, and its checker.
+"""An easy arithmetic word-problem task, generated offline by ``reasoning-gym``.
 
 ``make_split("train" | "eval", size)`` gives records ``{"prompt", "answer", "task", "index"}``:
 ``prompt`` is the raw user message (the caller wraps it in its tokenizer's chat template),
@@ -9,14 +9,15 @@ pool, so the splits never overlap whatever their sizes. (reasoning-gym seeds ite
 dataset with ``seed + i``: seeds a few apart give shifted copies of the same items, hence seeds
 far apart, and the overlap check by question text on top.)
 
-``score(completion, gold)`` extracts the model's final answer from free-form text (the last
-``\\boxed{...}``, else the last number) and checks it against the gold one with math-verify.
+Scored by ``data.reward: final_answer`` (``oapl.rewards.math.final_answer``): the last
+``\\boxed{...}`` (else the last number) of the completion against the gold answer, by math-verify.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from ..config import DataConfig
 
 BOXED_INSTRUCTION = "Put your final answer in \\boxed{}."
 
@@ -50,7 +51,6 @@ DEFAULT_TASK = TaskSpec(
 TRAIN_SEED = 0
 EVAL_SEED = 1_000_000_000
 EVAL_POOL = 500
-MAX_ANSWER_CHARS = 64
 
 
 def _questions(spec: TaskSpec, seed: int, size: int) -> list[dict]:
@@ -106,52 +106,14 @@ def make_split(split: str, size: int, spec: TaskSpec = DEFAULT_TASK) -> list[dic
     return [_record(spec, item, i) for i, item in enumerate(train)]
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# A number not glued to a word or to a preceding number: 12, -4, 1,000, 0.5, 3/4.
-_NUMBER = re.compile(r"(?<![\w.,/])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\w])")
+# Records of data.source=word_problems when data.limit is not set, per split.
+SIZE = {"train": 2000, "eval": 500}
 
 
-def last_boxed(text: str) -> str | None:
-    """The content (str) of the last ``\\boxed{...}`` in ``text`` with its braces balanced, or
-    None when there is none (or the last one is never closed)."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """The model's final answer (str) in free-form ``text``: the last ``\\boxed{}``'s content,
-    else the last number; None when there is neither."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def score(completion: str, gold: str) -> float:
-    """1.0 if the final answer in ``completion`` (str) equals ``gold`` (str) by math-verify,
-    else 0.0 (float). ``\\frac{1}{2}``, ``1/2`` and ``0.5`` are equal; ``1,000`` is 1000.
-
-    math-verify's own time limits use SIGALRM, which only the main thread may set; they are
-    turned off (``parsing_timeout=None``, ``timeout_seconds=None``) so that scoring works in
-    any thread, and time is bounded instead by what is parsed: an answer of at most
-    ``MAX_ANSWER_CHARS`` characters, without ``^`` or ``!`` (short strings whose value can take
-    sympy forever, e.g. ``9^{9^{9^9}}``); such answers score 0. Raises ValueError when
-    math-verify cannot parse ``gold``."""
-    from math_verify import parse, verify
-
-    gold_parsed = parse(gold, parsing_timeout=None)
-    if not gold_parsed:
-        raise ValueError(f"math-verify cannot parse the gold answer {gold!r}")
-    pred = extract_answer(completion)
-    if pred is None or len(pred) > MAX_ANSWER_CHARS or "^" in pred or "!" in pred:
-        return 0.0
-    pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
-    return float(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+def load(cfg: DataConfig) -> list[dict]:
+    """``data.source: word_problems``: split ``cfg.split`` (``train``, or the held-out
+    ``eval``, also called ``test``), the first ``cfg.limit`` records (default ``SIZE``)."""
+    split = "eval" if cfg.split == "test" else cfg.split
+    if split not in SIZE:
+        raise ValueError(f"data.split for word_problems must be train or eval, not {cfg.split!r}")
+    return make_split(split, cfg.limit if cfg.limit is not None else SIZE[split])

@@ -9,7 +9,7 @@ Required columns:
 - ``group`` (int): the group's index; a group's rows are consecutive;
 - ``prompt_ids`` (list[int]): the prompt's token ids, the same in all rows of a group;
 - ``completion_ids`` (list[int]): the completion's token ids;
-- ``logprobs`` (list[float]): log pi_sampler of each completion token, at ``temperature``;
+- ``logprobs`` (list[float]): the sampler's log pi_lag of each completion token, at ``temperature``;
 - ``reward`` (float): finite.
 
 Optional columns:
@@ -35,7 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .generator import Rollout
+from ..batch import Rollout
 
 REQUIRED = ("group", "prompt_ids", "completion_ids", "logprobs", "reward")
 _INT_COLUMNS = ("group", "version", "prompt_id", "sample")

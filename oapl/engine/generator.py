@@ -14,27 +14,14 @@ import gc
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
-from .config import GenerationConfig
-
-
-@dataclass
-class Rollout:
-    """One sampled completion. ``logprobs[j]`` is log pi_vllm(completion_ids[j] | prefix) at
-    the sampling temperature (after top-k/top-p renormalization when those are set; before
-    temperature with ``logprobs_mode="raw_logprobs"``);
-    ``version`` is the trainer step whose weights the engine held."""
-
-    prompt_index: int
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-    version: int
+from ..batch import Rollout
+from ..config import GenerationConfig
+from ..prompts import Prompt
 
 
 class Generator(Protocol):
@@ -155,3 +142,19 @@ class VLLMGenerator:
         """Free the engine (a new one in this process then builds quickly)."""
         del self.llm
         gc.collect()
+
+
+def sample_groups(
+    generator: Generator, prompts: Sequence[Prompt], sampling: GenerationConfig, seed: int,
+    chunk: int, desc: str,
+) -> list[Rollout]:
+    """``sampling.n`` rollouts of every prompt, in group order, ``chunk`` prompts per engine
+    call, with a progress bar. Prompt ``i`` samples with seed ``seed + i * n`` whatever the
+    chunking."""
+    out: list[Rollout] = []
+    for start in tqdm(range(0, len(prompts), chunk), desc=desc, unit="call"):
+        part = prompts[start : start + chunk]
+        groups = generator.generate([p.token_ids for p in part], [p.index for p in part],
+                                    sampling, seed=seed + start * sampling.n)
+        out += [r for g in groups for r in g]
+    return out

@@ -35,9 +35,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from .config import Config
+from ..batch import TrainBatch
+from ..config import Config
 from .policy import Policy
-from .trainer import LocalTrainer, TrainBatch
+from .trainer import LocalTrainer
 
 
 class _Root(torch.nn.Module):
@@ -115,7 +116,7 @@ class FSDPTrainer(LocalTrainer):
     def follow(self) -> None:
         """Ranks 1..N-1: execute rank 0's commands until ``stop``."""
         handlers = {
-            "train": lambda p: self._train_local(*p),
+            "train": lambda p: self._step(*p),
             "gather": lambda p: [None for _ in self._full_weights()],
             "save": self._save_shards,
             "load": self._load_shards,
@@ -135,54 +136,21 @@ class FSDPTrainer(LocalTrainer):
         _, out = self.root(super()._loss, mb)
         return out
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """Rank 0: split ``batch`` into equal runs of whole groups, one per rank, and step."""
-        B = len(batch)
-        per = B // self.world
-        n_tok = int(batch.loss_mask.sum())
-        shares = [(batch.rows(r * per, (r + 1) * per), B, n_tok) for r in range(self.world)]
-        m = self._train_local(*self._command("train", shares))
-        return {**m, "train_tokens": float(batch.attention_mask.sum())}
+    def _share(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
+        """Rank 0: send each rank its equal run of whole groups (with the global counts)."""
+        per = len(batch) // self.world
+        shares = [(batch.rows(r * per, (r + 1) * per), len(batch), batch.num_completion_tokens)
+                  for r in range(self.world)]
+        return self._command("train", shares)
 
-    def _train_local(self, local: TrainBatch, B: int, n_tok: int) -> dict[str, float]:
-        """This rank's micro-batches, weighted by their share of the global batch (``B``
-        sequences, ``n_tok`` completion tokens); then clip and step on every rank. The metrics
-        are ``LocalTrainer.train_step``'s, reduced over ranks."""
-        local = local.to(self.device)
-        micro = self.cfg.trainer.micro_batch_size or len(local)
-        self.optimizer.zero_grad(set_to_none=True)
-        # loss, seq_logratio_mean, entropy_mean, adv_abs_mean, sum and count of |logp - sampler|
-        sums = torch.zeros(6, dtype=torch.float64)
-        top = torch.zeros(1, dtype=torch.float64)  # max |logp - sampler|
-        starts = range(0, len(local), micro)
-        for i, start in enumerate(starts):
-            mb = local.rows(start, min(start + micro, len(local)))
-            self.root.set_requires_gradient_sync(i == len(starts) - 1)  # reduce once per step
-            out = self._loss(mb)
-            seq_w = len(mb) / B
-            tok_w = int(mb.loss_mask.sum()) / max(n_tok, 1)
-            w = seq_w if self.cfg.algorithm.name == "oapl" else tok_w
-            (out.loss * w).backward()
-            diff = (out.logprobs - mb.inference_logprobs).abs()[mb.loss_mask.bool()].double()
-            sums += torch.tensor([
-                float(out.loss.detach()) * w, float(out.seq_logratio_mean) * seq_w,
-                float(out.entropy_mean) * tok_w, float(out.advantages.abs().mean()) * seq_w,
-                float(diff.sum()), diff.numel()], dtype=torch.float64)
-            if diff.numel():
-                top = torch.maximum(top, diff.max().cpu().reshape(1))
-        sums = self._all_reduce(sums, dist.ReduceOp.SUM)
-        top = self._all_reduce(top, dist.ReduceOp.MAX)
-        clip = self.cfg.trainer.grad_clip
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        loss, logratio, entropy, adv, diff_sum, diff_n = sums.tolist()
-        return {"loss": loss, "seq_logratio_mean": logratio, "entropy_mean": entropy,
-                "adv_abs_mean": adv, "grad_norm": float(norm),
-                "sampler_absdiff_mean": diff_sum / diff_n if diff_n else 0.0,
-                "sampler_absdiff_max": float(top)}
+    def _before_micro_batch(self, i: int, count: int) -> None:
+        self.root.set_requires_gradient_sync(i == count - 1)  # reduce once per step
+
+    def _reduce(self, sums: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._all_reduce(sums, dist.ReduceOp.SUM), self._all_reduce(top, dist.ReduceOp.MAX)
+
+    def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         """``op`` (sum, max) of ``t`` over ranks, on the CPU."""

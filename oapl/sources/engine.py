@@ -1,0 +1,77 @@
+"""Batches sampled inline by an engine: the engine samples the next prompts with the weights
+it holds (lagging up to ``algorithm.sync_every`` steps), this process scores them, then the
+trainer trains; pushes replace the engine's weights in place. The engine is a
+``VLLMGenerator`` in this process, or any ``Generator`` given (a ``GeneratorProcess`` under
+torchrun)."""
+
+from __future__ import annotations
+
+import time
+
+from ..batch import collate, pad_token_id, score_rollouts
+from ..config import Config
+from ..engine.generator import Generator, VLLMGenerator
+from ..prompts import PromptSampler, load_prompts
+from ..rewards import get_reward_fn
+from ..run import sampling_seed
+from ..tasks import reward_name
+from ..training.trainer import Trainer
+from .base import SampledBatch
+
+
+class EngineSource:
+    """``data.prompts_per_step`` prompts x ``generation.n`` samples per batch, drawn by a
+    ``PromptSampler``; batch ``b`` samples with seed ``sampling_seed(seed, b * samples per
+    batch)``. ``generator``: an engine to use (not closed here); by default a
+    ``VLLMGenerator`` for ``model_path`` is built (and closed by ``close``)."""
+
+    def __init__(self, cfg: Config, model_path: str, tokenizer, generator: Generator | None = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pad_id = pad_token_id(tokenizer)
+        self.prompts = load_prompts(cfg.data, tokenizer)
+        self.reward_fn = get_reward_fn(reward_name(cfg.data))
+        self.own = generator is None
+        self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
+        self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
+        self.batches = 0
+
+    def start(self, trainer: Trainer, step: int) -> None:
+        self.push(trainer, step)  # the engine starts from the trainer's (possibly resumed) weights
+
+    def next_batch(self) -> SampledBatch:
+        cfg = self.cfg
+        idx = self.sampler.next_batch()
+        seed = sampling_seed(cfg.seed, self.batches * len(idx) * cfg.generation.n)
+        t = time.perf_counter()
+        groups = self.generator.generate(
+            [self.prompts[i].token_ids for i in idx], idx, cfg.generation, seed=seed
+        )
+        generate_s = time.perf_counter() - t
+        rollouts = [r for g in groups for r in g]
+        t = time.perf_counter()
+        records = [self.prompts[r.prompt_index].record for r in rollouts]
+        _, rewards, failed = score_rollouts(self.reward_fn, self.tokenizer, rollouts, records,
+                                            cfg.data.reward_workers)
+        score_s = time.perf_counter() - t
+        self.batches += 1
+        return SampledBatch(rollouts, collate(rollouts, rewards, self.pad_id), failed,
+                            {"generate_s": generate_s, "score_s": score_s})
+
+    def push(self, trainer: Trainer, step: int) -> None:
+        self.generator.load_weights(trainer.named_weights(), version=step)
+        trainer.freeze_lag_policy(step)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.batches = int(state["batches"])
+
+    def close(self) -> None:
+        if self.own:
+            self.generator.close()

@@ -1,0 +1,78 @@
+"""Tasks: a task owns its records and names its reward.
+
+``data.source`` picks a task: a registered name (``TASKS``), ``toy:<name>`` (``oapl.tasks.toy``,
+for the tiny model), or a prompt file (``.jsonl``, ``.parquet``, ``datasets:<name>``; see
+``oapl.tasks.prompt_file``). ``data.reward`` defaults to the task's own scorer.
+
+Add a dataset: a module here with a ``load(cfg: DataConfig) -> list[dict]`` returning records
+(each with ``prompt`` and what its reward reads, e.g. ``answer``), and one line in ``TASKS``::
+
+    TASKS = {..., "my_task": Task("my_task", my_task.load, reward="final_answer")}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import DataConfig
+from ..rewards import required_fields
+from . import prompt_file, toy, word_problems
+
+
+@dataclass(frozen=True)
+class Task:
+    """``load(cfg)``: the task's records (list of dicts with ``prompt``); ``reward``: the name
+    of its default scorer in ``oapl.rewards.REWARDS``."""
+
+    name: str
+    load: Callable[[DataConfig], list[dict]]
+    reward: str
+
+
+def _toy(name: str) -> Task:
+    def load(cfg: DataConfig) -> list[dict]:
+        rows = toy.toy_task(name).records
+        return rows[: cfg.limit] if cfg.limit is not None else rows
+
+    toy.toy_task(name)  # an unknown toy task fails here, listing the known ones
+    return Task(f"toy:{name}", load, reward="exact_match")
+
+
+TASKS: dict[str, Task] = {
+    "word_problems": Task("word_problems", word_problems.load, reward="final_answer"),
+}
+
+
+def get_task(source: str) -> Task:
+    """The task of ``data.source``."""
+    if source in TASKS:
+        return TASKS[source]
+    if source.startswith("toy:"):
+        return _toy(source[4:])
+    if prompt_file.is_prompt_file(source):
+        return Task(source, prompt_file.load, reward="exact_match")
+    raise ValueError(
+        f"data.source {source!r}: expected one of {sorted(TASKS)}, toy:<task> (tasks: "
+        f"{sorted(toy.TOY_TASKS)}), a .jsonl or .parquet file, or datasets:<name or dir>"
+    )
+
+
+def reward_name(cfg: DataConfig) -> str:
+    """``data.reward``, or the task's own scorer when unset."""
+    return cfg.reward or get_task(cfg.source).reward
+
+
+def read_records(cfg: DataConfig) -> list[dict]:
+    """The task's records, checked to hold the fields its reward reads."""
+    records = get_task(cfg.source).load(cfg)
+    need = required_fields(reward_name(cfg))
+    for i, rec in enumerate(records):
+        missing = [k for k in need if k not in rec]
+        if missing:
+            key = cfg.answer_key if missing == ["answer"] else missing[0]
+            raise ValueError(
+                f"data.source {cfg.source!r}: record {i} has no field {key!r}, which reward "
+                f"{reward_name(cfg)!r} needs (fields: {sorted(rec)})"
+            )
+    return records

@@ -1,0 +1,40 @@
+"""Toy tasks that need no files, for the tiny built-in model (``oapl.tiny``): their records,
+and every possible answer (for the tiny model's format-only warm-up). Scored by exact match.
+
+Add one: a function returning a ``ToyTask`` and one line in ``TOY_TASKS``; it is then
+``data.source: toy:<name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    """``records``: dicts with ``prompt``, ``answer`` and ``task``; ``answers``: every possible
+    answer, each one token of the tiny vocabulary."""
+
+    name: str
+    records: list[dict]
+    answers: list[str]
+
+
+def max_task() -> ToyTask:
+    """``max a b =`` -> ``max(a, b)`` over digit pairs (100 prompts; chance 0.1 when uniform).
+    Learnable at toy scale (it needs comparing two positions); (a + b) mod 10 is not."""
+    records = [
+        {"prompt": f"max {a} {b} =", "answer": str(max(a, b)), "task": "max"}
+        for a in range(10)
+        for b in range(10)
+    ]
+    return ToyTask("max", records, [str(d) for d in range(10)])
+
+
+TOY_TASKS = {"max": max_task}
+
+
+def toy_task(name: str) -> ToyTask:
+    if name not in TOY_TASKS:
+        raise ValueError(f"unknown toy task {name!r}; available: {sorted(TOY_TASKS)}")
+    return TOY_TASKS[name]()

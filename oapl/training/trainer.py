@@ -1,0 +1,239 @@
+"""One optimizer step from a ``TrainBatch``, through ``oapl_kernels``.
+
+``Trainer`` is the interface the loop uses; ``LocalTrainer`` runs the policy on one device with
+AdamW, gradient accumulation over micro-batches and grad clipping. Its step is written once:
+a sharded trainer (``oapl.training.fsdp_trainer``) overrides only how the batch is shared out
+(``_share``), what happens before each micro-batch (``_before_micro_batch``) and how the
+metrics and the gradient norm are reduced (``_reduce``, ``_full_norm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM
+
+from oapl_kernels import grpo_loss, linear_logprobs, oapl_loss
+
+from ..batch import TrainBatch
+from ..config import Config
+from .policy import Policy
+
+
+class Trainer(Protocol):
+    """What the loop needs from a trainer."""
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns scalar metrics."""
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights with Hugging Face names, for the generator."""
+
+    def save(self, directory: str) -> None:
+        """Write model and optimizer state into the (existing) ``directory``."""
+
+    def load(self, directory: str) -> None:
+        """Restore the state ``save`` wrote."""
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the model as a Hugging Face directory (safetensors)."""
+
+    def freeze_lag_policy(self, version: int, weights=None) -> None:
+        """The sampler now holds policy ``version``: the current weights, or ``weights``
+        ((HF name, tensor) pairs) when given."""
+
+    def lag_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """log pi_lag [B, L-1] fp32 of the batch's targets, from ``algorithm.lag_logprobs``."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LocalTrainer:
+    """The policy on one device, AdamW, gradient accumulation over micro-batches of whole
+    groups, grad-norm clipping. The loss is ``algorithm.name`` from ``oapl_kernels``."""
+
+    def __init__(self, policy: Policy, cfg: Config):
+        self.cfg = cfg
+        self.policy = policy
+        self.device = next(policy.parameters()).device
+        t = cfg.trainer
+        self.optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
+        self.autocast_dtype = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
+        if t.gradient_checkpointing:
+            policy.model.gradient_checkpointing_enable()
+        policy.train()
+        # lag_logprobs=recompute: a frozen copy of the weights the engine holds, and their
+        # policy version (see freeze_lag_policy).
+        self.lag_policy: Policy | None = None
+        self.lag_version: int | None = None
+
+    def freeze_lag_policy(
+        self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Call whenever the sampler gets new weights, as policy ``version``: the current ones
+        (``named_weights``, i.e. the tensors pushed), or ``weights`` when given (e.g. the model
+        that sampled a rollout file). With ``algorithm.lag_logprobs=recompute`` they are copied
+        into the frozen lag policy: built on first use from the model's config,
+        in the policy's dtype on its device, no grad, eval mode, no optimizer state; one more
+        copy of the weights in memory. Otherwise nothing."""
+        if self.cfg.algorithm.lag_logprobs != "recompute":
+            return
+        if self.lag_policy is None:
+            dtype = next(self.policy.parameters()).dtype
+            with torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(self.policy.model.config, dtype=dtype)
+            self.lag_policy = Policy(model.requires_grad_(False).eval())
+        params = dict(self.lag_policy.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights if weights is not None else self.named_weights():
+                params[name].copy_(tensor)
+        self.lag_version = version
+
+    def lag_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """log pi_lag [B, L-1] fp32 of the batch's targets (0 off the mask), on the batch's
+        device, from ``algorithm.lag_logprobs``: ``sampler`` takes the engine's own
+        log-probs (at the sampling temperature); ``recompute`` runs the frozen lag policy's
+        forward only (no grad, the trainer's autocast, in micro-batches) through
+        ``linear_logprobs`` at the training temperature: no [N, V] logits. Every row must
+        have been sampled by the frozen version (call it right after sampling)."""
+        source = self.cfg.algorithm.lag_logprobs
+        if source == "sampler":
+            return batch.sampler_logprobs
+        if source != "recompute":
+            raise ValueError(f"unsupported algorithm.lag_logprobs {source!r}")
+        if self.lag_policy is None or bool((batch.versions != self.lag_version).any()):
+            raise ValueError(
+                f"rows sampled by policy versions {sorted(set(batch.versions.tolist()))}, but "
+                f"the frozen lag policy holds {self.lag_version}: compute lag_logprobs right "
+                "after sampling, and call freeze_lag_policy at each push"
+            )
+        out = torch.zeros_like(batch.sampler_logprobs)
+        micro = self.cfg.trainer.micro_batch_size or len(batch)
+        for start in range(0, len(batch), micro):
+            mb = batch.rows(start, min(start + micro, len(batch))).to(self.device)
+            with torch.no_grad():
+                with self._autocast():
+                    hidden = self.lag_policy.hidden_states(mb.input_ids, mb.attention_mask)[:, :-1]
+                targets = mb.input_ids[:, 1:].masked_fill(~mb.loss_mask, -100)
+                logp = linear_logprobs(
+                    hidden, self.lag_policy.lm_head_weight.to(hidden.dtype), targets,
+                    temperature=self.cfg.generation.temperature, ignore_index=-100,
+                    impl=self.cfg.trainer.kernel_impl,
+                )
+            out[start : start + len(mb), : logp.shape[1]] = logp.to(out.device)
+        return out
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, mb: TrainBatch):
+        """The configured loss on micro-batch ``mb`` (an ``oapl_kernels`` LossOutput)."""
+        with self._autocast():
+            hidden = self.policy.hidden_states(mb.input_ids, mb.attention_mask)[:, :-1]
+        weight = self.policy.lm_head_weight.to(hidden.dtype)
+        targets = mb.input_ids[:, 1:]
+        lag = mb.lag_logprobs if mb.lag_logprobs is not None else self.lag_logprobs(mb)
+        a, g = self.cfg.algorithm, self.cfg.generation
+        common = dict(group_size=g.n, temperature=g.temperature, impl=self.cfg.trainer.kernel_impl)
+        if a.name == "oapl":
+            return oapl_loss(hidden, weight, targets, lag, mb.rewards, mb.loss_mask,
+                             beta1=a.beta1, beta2=a.beta2, values=mb.values, **common)
+        old = "detached" if a.grpo_old == "detached" else None
+        return grpo_loss(hidden, weight, targets, lag, mb.rewards, mb.loss_mask, clip_eps=a.clip_eps,
+                         tis_cap=a.tis_cap, old_logprobs=old, **common)
+
+    # -- the step: written once; a sharded trainer overrides the four hooks below ------------
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns scalar metrics. ``token_logratio_abs_mean``
+        / ``_max``: |log pi_theta - the sampler's log-prob| per completion token at the weights
+        before the step (at lag 0 this is the engine-trainer mismatch, measured for free)."""
+        m = self._step(*self._share(batch))
+        return {**m, "train_tokens": float(batch.attention_mask.sum())}
+
+    def _share(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
+        """This process's rows of ``batch``, with the batch's sequence and completion-token
+        counts (the micro-batch weights' denominators)."""
+        return batch, len(batch), batch.num_completion_tokens
+
+    def _before_micro_batch(self, i: int, count: int) -> None:
+        """Called before micro-batch ``i`` of ``count``."""
+
+    def _reduce(self, sums: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Metric sums (float64 [6]) and maxima (float64 [1]) over all processes."""
+        return sums, top
+
+    def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over the whole model."""
+        return norm
+
+    def _step(self, local: TrainBatch, B: int, n_tok: int) -> dict[str, float]:
+        """Accumulate gradients over this process's micro-batches, clip, step. OAPL's loss is a
+        mean over sequences and GRPO's over completion tokens (``LossOutput.weighting``), so
+        each micro-batch's loss is weighted by its share of the whole batch's ``B`` sequences
+        or ``n_tok`` completion tokens: the sum equals the loss of the whole batch."""
+        local = local.to(self.device)
+        micro = self.cfg.trainer.micro_batch_size or len(local)
+        self.optimizer.zero_grad(set_to_none=True)
+        # loss, seq_logratio_mean, entropy_mean, adv_abs_mean, sum and count of |logp - sampler|
+        sums = torch.zeros(6, dtype=torch.float64)
+        top = torch.zeros(1, dtype=torch.float64)  # max |logp - sampler|
+        starts = range(0, len(local), micro)
+        for i, start in enumerate(starts):
+            mb = local.rows(start, min(start + micro, len(local)))
+            self._before_micro_batch(i, len(starts))
+            out = self._loss(mb)
+            seq_w = len(mb) / B
+            tok_w = mb.num_completion_tokens / max(n_tok, 1)
+            w = seq_w if out.weighting == "sequence" else tok_w
+            (out.loss * w).backward()
+            diff = (out.logprobs - mb.sampler_logprobs).abs()[mb.loss_mask].double()
+            sums += torch.tensor([
+                float(out.loss.detach()) * w, float(out.seq_logratio_mean) * seq_w,
+                float(out.entropy_mean) * tok_w, float(out.advantages.abs().mean()) * seq_w,
+                float(diff.sum()), diff.numel()], dtype=torch.float64)
+            if diff.numel():
+                top = torch.maximum(top, diff.max().cpu().reshape(1))
+        sums, top = self._reduce(sums, top)
+        clip = self.cfg.trainer.grad_clip
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        loss, logratio, entropy, adv, diff_sum, diff_n = sums.tolist()
+        return {"loss": loss, "seq_logratio_mean": logratio, "entropy_mean": entropy,
+                "adv_abs_mean": adv, "grad_norm": float(self._full_norm(norm)),
+                "token_logratio_abs_mean": diff_sum / diff_n if diff_n else 0.0,
+                "token_logratio_abs_max": float(top)}
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.policy.named_weights()
+
+    def save_pretrained(self, directory: str) -> None:
+        self.policy.model.save_pretrained(directory)
+
+    def save(self, directory: str) -> None:
+        """Write ``model.safetensors`` (tied weights stored once) and ``optimizer.pt``."""
+        path = os.path.join(directory, "model.safetensors")
+        safetensors.torch.save_model(self.policy.model, path)
+        torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+
+    def load(self, directory: str) -> None:
+        """Restore what ``save`` wrote."""
+        safetensors.torch.load_model(
+            self.policy.model, os.path.join(directory, "model.safetensors"), device=str(self.device)
+        )
+        state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device)
+        self.optimizer.load_state_dict(state)
