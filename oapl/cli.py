@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -104,13 +105,26 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides += extra
     from .console import quiet
+    from .errors import EngineError
 
     quiet()
+    # SIGTERM ends the command like Ctrl-C: cleanup runs (engine processes are stopped).
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         args.fn(args)
     except ValueError as e:
         print(f"oapl {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except EngineError as e:
+        print(f"oapl {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"oapl {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -78,6 +78,15 @@ class GenerationConfig:
     # loss uses); raw_logprobs (vLLM's own default) are untempered, wrong unless temperature = 1.
     logprobs_mode: str = "processed_logprobs"
     engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
+    # Batches the engine samples ahead of the trainer, in its own process (0: inline, in this
+    # process). Batch b is sampled by the version fixed by (b, ahead, minibatches, sync_every);
+    # see oapl/sources/ahead.py. The lag is then at most (ahead+1)*k - 1 + L - gcd(k, L).
+    ahead: int = 0
+    timeout_s: float = 600.0  # ahead >= 1: longest wait for one batch before the engine is hung
+    num_threads: int | None = None  # ahead >= 1: the engine process's torch threads
+    # ahead >= 1: the engine's devices (CUDA_VISIBLE_DEVICES of its process, e.g. "1"); None:
+    # inherit. On a GPU machine give the trainer and the engine different devices.
+    devices: str | None = None
 
 
 @dataclass
@@ -168,6 +177,19 @@ class Config:
         ]:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if g.ahead < 0:
+            raise ValueError(f"generation.ahead must be >= 0, got {g.ahead}")
+        if g.timeout_s <= 0:
+            raise ValueError(f"generation.timeout_s must be > 0, got {g.timeout_s}")
+        if g.ahead and a.lag_logprobs == "recompute":
+            raise ValueError(
+                "algorithm.lag_logprobs=recompute needs the frozen copy of the weights that "
+                "sampled each batch, which generation.ahead >= 1 does not keep: use "
+                "lag_logprobs=sampler with ahead, or ahead=0 with recompute"
+            )
+        if g.ahead and d.rollouts is not None:
+            raise ValueError("generation.ahead samples with an engine: leave it 0 with "
+                             "data.rollouts")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
         if a.lag_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:

@@ -54,7 +54,8 @@ def train(cfg: Config, generator: Generator | None = None) -> dict | None:
     dist.broadcast_object_list(path, src=0)
     summary = None
     if rank == 0:
-        own = generator is None and cfg.data.rollouts is None  # offline runs need no engine
+        # Offline runs need no engine; with generation.ahead the source starts its own.
+        own = generator is None and cfg.data.rollouts is None and not cfg.generation.ahead
         if own:
             threads = cfg.trainer.num_threads or torch.get_num_threads()
             generator = GeneratorProcess(path[0], cfg.generation, seed=cfg.seed, threads=threads)

@@ -69,11 +69,13 @@ class _Loop:
         timings = {"generate_s": 0.0, "score_s": 0.0, "lag_logprobs_s": 0.0,
                    **{key: v / k for key, v in b.timings.items()}}
         step_s = sum(timings.values()) + train_s + sync_s
-        return step_record(
-            self.step, mb, b.rollouts[rows], m, lag=lag, reward_errors=sum(b.failed[rows]),
-            step_s=step_s, train_s=train_s, sync_s=sync_s, **timings,
-            **self.source.metrics(), **self.mismatch(mb, m, lag),
-        )
+        extra = {**timings, "train_s": train_s, "sync_s": sync_s,
+                 "lag_max": self.step - 1 - int(mb.versions.min()), **b.metrics,
+                 **self.mismatch(mb, m, lag)}
+        if "wait_s" in timings:
+            extra["trainer_idle_frac"] = timings["wait_s"] / step_s
+        return step_record(self.step, mb, b.rollouts[rows], m, lag=lag,
+                           reward_errors=sum(b.failed[rows]), step_s=step_s, **extra)
 
     def mismatch(self, mb, m: dict, lag: float) -> dict:
         """``sampler_mismatch_mean`` / ``_max``: |sampler - trainer| log-prob per completion
@@ -129,9 +131,10 @@ class _Loop:
                 bar.set_postfix(reward10=f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}",
                                 lag=f"{record['lag']:.0f}", loss=f"{record['loss']:.4f}")
             if self.checkpoint_due():
-                state = {"step": self.step, "source": self.source.state_dict()}
                 root = os.path.join(cfg.output_dir, "checkpoints")
-                save_checkpoint(root, self.trainer, state, keep=cfg.output.keep_checkpoints)
+                save_checkpoint(root, self.trainer, {"step": self.step},
+                                keep=cfg.output.keep_checkpoints,
+                                source_state=self.source.state_dict())
         bar.close()
         self.loggers.close()
 

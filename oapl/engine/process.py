@@ -10,7 +10,10 @@ child the engine is the same in-process ``VLLMGenerator`` the single-process loo
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -23,14 +26,38 @@ from ..config import GenerationConfig
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def setup_engine_process(threads: int, devices: str | None = None) -> None:
+    """First thing in a spawned engine process: forget torchrun's environment (vLLM must not
+    take the child for a rank of the trainer's world), die with the parent (Linux
+    ``PR_SET_PDEATHSIG``: no engine left behind when the trainer is killed, even by SIGKILL),
+    see only ``devices`` (``CUDA_VISIBLE_DEVICES``) when given, use ``threads`` torch threads."""
+    for key in _LAUNCHER_ENV:
+        os.environ.pop(key, None)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    torch.set_num_threads(threads)
+
+
+def cpu_copies(named_tensors: Iterable[tuple[str, torch.Tensor]],
+               dtype: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
+    """Fresh CPU copies (in ``dtype`` when given) of the tensors, for another process: the
+    trainer keeps updating its own, and torch.multiprocessing shares these by memory."""
+    return [(name, t.detach().to("cpu", dtype or t.dtype, copy=True))
+            for name, t in named_tensors]
 
 
 def _serve(conn, model_path: str, cfg: GenerationConfig, seed: int, threads: int) -> None:
     """The child: build the engine, then answer ``(method, args)`` requests until ``close``
     (or until the parent goes away). Replies are ``("ok", result)`` or ``("error", text)``."""
-    for key in _LAUNCHER_ENV:
-        os.environ.pop(key, None)
-    torch.set_num_threads(threads)
+    setup_engine_process(threads)
     from .generator import VLLMGenerator
 
     try:
@@ -96,9 +123,7 @@ class GeneratorProcess:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Send the weights (CPU copies in the engine's dtype, shared with the child) and push
         them into its engine."""
-        tensors = [(name, t.detach().to("cpu", self._push_dtype or t.dtype))
-                   for name, t in named_tensors]
-        self._call("load_weights", tensors, version)
+        self._call("load_weights", cpu_copies(named_tensors, self._push_dtype), version)
         self.version = version
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """Where the loop's batches come from: ``make_source`` picks one from the config.
 
 - ``engine.EngineSource``: an engine samples inline, in this process (``generation.ahead: 0``);
+- ``ahead.AheadSource``: an engine in its own process samples ``generation.ahead`` batches
+  ahead of the trainer, on a fixed schedule;
 - ``file.RolloutFileSource``: a rollout file, no engine (``data.rollouts``; offline rounds).
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 from ..config import Config
 from ..engine.generator import Generator
+from .ahead import AheadSource
 from .base import BatchSource, SampledBatch
 from .engine import EngineSource
 from .file import RolloutFileSource
@@ -22,4 +25,8 @@ def make_source(cfg: Config, model_path: str, tokenizer,
         if generator is not None:
             raise ValueError("data.rollouts trains from a file: no engine is used")
         return RolloutFileSource(cfg, model_path, tokenizer)
+    if cfg.generation.ahead:
+        if generator is not None:
+            raise ValueError("generation.ahead >= 1 runs its own engine process: pass no engine")
+        return AheadSource(cfg, model_path, tokenizer)
     return EngineSource(cfg, model_path, tokenizer, generator)

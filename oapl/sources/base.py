@@ -13,14 +13,17 @@ from ..training.trainer import Trainer
 class SampledBatch:
     """One batch of groups, scored: its ``rollouts`` (in group order), their tensors
     (``train``; ``train.versions`` are the policy versions that sampled each row, counted
-    in this run's optimizer steps), which reward calls ``failed``, and ``timings`` (seconds
-    spent on the trainer's side: ``generate_s``, ``score_s``, ...), which the loop spreads
-    over the batch's minibatch steps."""
+    in this run's optimizer steps), which reward calls ``failed``; ``timings``: seconds the
+    trainer's process spent on it (``generate_s``, ``score_s`` inline, ``wait_s`` when the
+    engine runs ahead), spread over the batch's minibatch steps and counted in their step
+    time; ``metrics``: other per-step values added to each of its steps' records as they are
+    (e.g. the engine's own timings when it runs in another process)."""
 
     rollouts: list[Rollout]
     train: TrainBatch
     failed: list[bool]
     timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class BatchSource(Protocol):
@@ -36,11 +39,9 @@ class BatchSource(Protocol):
         """Called every ``algorithm.sync_every`` steps: the sampler takes the trainer's
         weights as policy version ``step`` (a no-op for a source without an engine)."""
 
-    def metrics(self) -> dict[str, float]:
-        """Source-specific metrics for the current step's record."""
-
     def state_dict(self) -> dict:
-        """JSON-serializable position, stored in checkpoints."""
+        """Its position and whatever it needs to continue exactly (picklable), stored in
+        checkpoints (``source.pt``)."""
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""

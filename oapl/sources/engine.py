@@ -62,9 +62,6 @@ class EngineSource:
         self.generator.load_weights(trainer.named_weights(), version=step)
         trainer.freeze_lag_policy(step)
 
-    def metrics(self) -> dict[str, float]:
-        return {}
-
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "batches": self.batches}
 

@@ -52,9 +52,6 @@ class RolloutFileSource:
     def push(self, trainer: Trainer, step: int) -> None:
         """No engine: pi_lag stays the model that sampled the file."""
 
-    def metrics(self) -> dict[str, float]:
-        return {}
-
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
 

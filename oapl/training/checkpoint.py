@@ -1,5 +1,6 @@
 """Atomic checkpoints: ``<root>/step_<N>/`` holds the trainer's files (model safetensors,
-optimizer), ``state.json`` (loop state: step, data position, ...) and ``rng.pt``.
+optimizer), ``state.json`` (loop state: step, ...), ``rng.pt`` and, when given, ``source.pt``
+(the batch source's position and whatever it needs to continue exactly: any picklable object).
 
 A checkpoint is written under ``step_<N>.tmp`` and renamed into place only when complete, so
 a crash mid-write leaves the previous checkpoint as the latest one.
@@ -43,9 +44,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str, trainer: Trainer, state: dict, keep: int) -> str:
+def save_checkpoint(root: str, trainer: Trainer, state: dict, keep: int,
+                    source_state: object = None) -> str:
     """Write checkpoint ``root/step_<state["step"]>`` atomically, then delete all but the
-    newest ``keep``. ``state`` must be JSON-serializable and hold an int ``step``."""
+    newest ``keep``. ``state`` must be JSON-serializable and hold an int ``step``;
+    ``source_state`` (optional) is pickled into ``source.pt``."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{int(state['step']):08d}")
     tmp = final + ".tmp"
@@ -55,6 +58,8 @@ def save_checkpoint(root: str, trainer: Trainer, state: dict, keep: int) -> str:
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
     torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
+    if source_state is not None:
+        torch.save(source_state, os.path.join(tmp, "source.pt"))
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
@@ -75,8 +80,13 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def load_checkpoint(path: str, trainer: Trainer) -> dict:
-    """Restore the trainer and the RNGs from checkpoint ``path``; return its loop state."""
+    """Restore the trainer and the RNGs from checkpoint ``path``; return its loop state, with
+    the source's under ``"source"`` when the checkpoint has one."""
     trainer.load(path)
     set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
     with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+        state = json.load(f)
+    source = os.path.join(path, "source.pt")
+    if os.path.exists(source):
+        state["source"] = torch.load(source, weights_only=False)
+    return state

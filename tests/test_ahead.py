@@ -1,0 +1,146 @@
+"""Asynchronous generation (``generation.ahead``): the engine samples ahead in its own process,
+on a fixed schedule. With the real engine: two runs give identical metrics, every row's version
+is the scheduled one and the lag stays bounded, SIGKILL + resume continues identically, and
+faults (the engine killed, SIGTERM to the run) end everything cleanly with no process left."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from oapl.config import load_config
+from oapl.loop import train
+from oapl.metrics import read_metrics
+from oapl.sources.ahead import lag_bound, sampling_version
+
+pytestmark = pytest.mark.vllm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
+K, MINI, L = 1, 2, 2
+SMALL = ["data.prompts_per_step=16", "generation.n=4", f"algorithm.sync_every={L}",
+         f"trainer.minibatches={MINI}", "output.save_every=2", "output.keep_checkpoints=3",
+         "model.tiny_format_warmup_steps=20", f"generation.ahead={K}", "output.plot=false",
+         "generation.num_threads=1", "trainer.num_threads=1"]
+# Everything a run computes; timings and the engine's busy share depend on the machine.
+DETERMINISTIC = ("step", "reward_mean", "reward_std", "loss", "lag", "lag_max", "version",
+                 "seq_logratio_mean", "entropy_mean", "grad_norm", "completion_len_mean")
+ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _cfg(out, steps, *extra):
+    return load_config(TINY, [f"output_dir={out}", f"trainer.steps={steps}", *SMALL, *extra])
+
+
+def _values(records):
+    return [[r[k] for k in DETERMINISTIC] for r in records]
+
+
+def test_schedule():
+    # ahead=0 is the inline loop: batch b sampled by the last push at or before step b*k.
+    assert [sampling_version(b, 0, 1, 4) for b in range(9)] == [0, 0, 0, 0, 4, 4, 4, 4, 8]
+    assert [sampling_version(b, 1, 1, 1) for b in range(5)] == [0, 0, 1, 2, 3]
+    assert [sampling_version(b, 2, 2, 2) for b in range(6)] == [0, 0, 0, 2, 4, 6]
+    assert lag_bound(0, 1, 4) == 3 and lag_bound(1, 1, 4) == 4 and lag_bound(2, 2, 2) == 5
+    for k, sync in [(2, 3), (3, 2), (3, 4), (1, 1)]:  # the bound is reached, never passed
+        lags = [(b + 1) * k - 1 - sampling_version(b, 1, k, sync) for b in range(50)]
+        assert max(lags) == lag_bound(1, k, sync)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 8-step run with the engine one batch ahead."""
+    out = tmp_path_factory.mktemp("ahead") / "straight"
+    train(_cfg(out, 8))
+    return read_metrics(str(out / "metrics.jsonl"))
+
+
+def test_deterministic_scheduled_versions_and_bounded_lag(tmp_path, straight):
+    train(_cfg(tmp_path / "again", 8))
+    again = read_metrics(str(tmp_path / "again" / "metrics.jsonl"))
+    assert _values(again) == _values(straight)
+    bound = lag_bound(K, MINI, L)
+    for r in straight:
+        b = (r["step"] - 1) // MINI  # the batch this step trained on
+        assert r["version"] == sampling_version(b, K, MINI, L)  # every row of the batch
+        assert r["lag_max"] == r["step"] - 1 - r["version"] <= bound
+        assert r["wait_s"] >= 0 and 0 <= r["trainer_idle_frac"] <= 1 and r["queue"] in (0, 1)
+    # The engine runs ahead: batch 2 is sampled by version 0 under ahead=1 (2 inline).
+    assert [r["version"] for r in straight] == [0, 0, 0, 0, 2, 2, 4, 4]
+    assert max(r["lag_max"] for r in straight) == bound
+
+
+def _start(out, steps, *extra):
+    cmd = [sys.executable, "-m", "oapl.cli", "train", TINY, f"output_dir={out}",
+           f"trainer.steps={steps}", *SMALL, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc, out, n, timeout=300):
+    """Wait until the run has written ``n`` steps; return its process tree (pids)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(read_metrics(str(metrics))) >= n):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    return [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+
+
+def _assert_gone(pids, within=15.0):
+    deadline = time.time() + within
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert not alive, f"processes left behind: {alive}"
+
+
+def test_sigkill_then_resume_continues_identically(tmp_path, straight):
+    out = tmp_path / "killed"
+    proc = _start(out, 8)
+    pids = _wait_for_steps(proc, out, 5)
+    assert len(pids) >= 2, "the engine runs in a child process"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _assert_gone(pids)  # the engine dies with the trainer, even on SIGKILL
+    train(_cfg(out, 8, "resume=true"))
+    resumed = read_metrics(str(out / "metrics.jsonl"))
+    assert _values(resumed) == _values(straight)
+
+
+def test_engine_killed_gives_one_clear_error(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 1000)
+    pids = _wait_for_steps(proc, out, 2)
+    engine = [p for p in pids if "spawn_main" in " ".join(psutil.Process(p).cmdline())]
+    assert len(engine) == 1, [psutil.Process(p).cmdline() for p in pids]
+    os.kill(engine[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "the engine process" in err and "was killed by SIGKILL" in err
+    assert "Traceback" not in err
+    _assert_gone(pids)
+
+
+def test_sigterm_ends_both_processes(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 1000)
+    pids = _wait_for_steps(proc, out, 2)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and time.time() - t < 15
+    _assert_gone(pids)
