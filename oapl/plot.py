@@ -13,6 +13,9 @@ PANELS = [
     ("entropy_mean", "entropy (nats / token)"),
     ("seq_logratio_mean", "log pi_theta / pi_lag (per sequence)"),
 ]
+# Drawn when some run logged it: the share of each step the trainer waited for a batch
+# (generation.ahead >= 1).
+OPTIONAL_PANELS = [("trainer_idle_frac", "trainer idle share")]
 
 
 def _smooth(ys: list[float], window: int) -> list[float]:
@@ -31,15 +34,22 @@ def plot_runs(run_dirs: list[str], out_path: str, smooth: int = 10) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
+    runs = {}
     for run in run_dirs:
-        records = read_metrics(os.path.join(run, "metrics.jsonl"))
-        if not records:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"{run}: no metrics.jsonl (not a run directory)")
+        runs[run] = read_metrics(path)
+        if not runs[run]:
             raise ValueError(f"{run}: metrics.jsonl has no records")
+    panels = PANELS + [(key, title) for key, title in OPTIONAL_PANELS
+                       if any(key in r for records in runs.values() for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for run, records in runs.items():
         steps = [r["step"] for r in records]
         label = os.path.basename(os.path.normpath(run))
-        for ax, (key, title) in zip(axes, PANELS):
-            ys = [float(r[key]) for r in records]
+        for ax, (key, title) in zip(axes, panels):
+            ys = [float(r.get(key, float("nan"))) for r in records]
             (line,) = ax.plot(steps, _smooth(ys, smooth), label=label)
             ax.plot(steps, ys, color=line.get_color(), alpha=0.25, linewidth=0.8)
             ax.set_title(title, fontsize=10)

@@ -3,6 +3,7 @@ on a fixed schedule. With the real engine: two runs give identical metrics, ever
 is the scheduled one and the lag stays bounded, SIGKILL + resume continues identically, and
 faults (the engine killed, SIGTERM to the run) end everything cleanly with no process left."""
 
+import json
 import os
 import signal
 import subprocess
@@ -72,6 +73,28 @@ def test_deterministic_scheduled_versions_and_bounded_lag(tmp_path, straight):
     # The engine runs ahead: batch 2 is sampled by version 0 under ahead=1 (2 inline).
     assert [r["version"] for r in straight] == [0, 0, 0, 0, 2, 2, 4, 4]
     assert max(r["lag_max"] for r in straight) == bound
+
+
+def test_hung_engine_is_detected_and_stopped(tmp_path):
+    """An engine that sends nothing within generation.timeout_s (here: shorter than it takes
+    to start) stops the run with EngineError, and its process is gone."""
+    from oapl.errors import EngineError
+
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    with pytest.raises(EngineError, match=r"sent no batch for 1 s \(generation.timeout_s\)"):
+        train(_cfg(tmp_path / "run", 8, "generation.timeout_s=1"))
+    _assert_gone([c.pid for c in psutil.Process().children(recursive=True)
+                  if c.pid not in before])
+
+
+def test_plot_shows_the_idle_share(tmp_path, straight):
+    from oapl.plot import plot_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in straight))
+    png = plot_runs([str(run)], str(tmp_path / "c.png"))
+    assert os.path.getsize(png) > 10_000
 
 
 def _start(out, steps, *extra):
