@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -25,9 +26,16 @@ def _train(args: argparse.Namespace) -> None:
         from .distributed import train
     else:
         from .loop import train
+    t = time.perf_counter()
     summary = train(cfg)
-    if summary is not None:
-        print(json.dumps(summary))
+    if summary is None:  # a follower rank under torchrun
+        return
+    if "reward_last10" in summary:
+        print(f"oapl train: reward {summary['reward_first10']:.3f} -> "
+              f"{summary['reward_last10']:.3f} (mean of the first and last 10 steps run), "
+              f"{time.perf_counter() - t:.0f} s; model in {summary['final_model']}"
+              + (f", curves in {summary['plot']}" if "plot" in summary else ""), file=sys.stderr)
+    print(json.dumps(summary))
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -113,7 +113,8 @@ class _Loop:
         period = math.lcm(cfg.algorithm.sync_every, cfg.trainer.minibatches)
         return self.step == cfg.trainer.steps and self.step % period == 0
 
-    def run(self) -> None:
+    def run(self) -> dict:
+        """Train to ``trainer.steps``; the mean reward of the first and last 10 steps run."""
         cfg, k = self.cfg, self.cfg.trainer.minibatches
         bar = tqdm(total=cfg.trainer.steps, initial=self.step, desc="oapl train")
         rewards: list[float] = []
@@ -137,6 +138,10 @@ class _Loop:
                                 source_state=self.source.state_dict())
         bar.close()
         self.loggers.close()
+        if not rewards:
+            return {}
+        return {"reward_first10": sum(rewards[:10]) / len(rewards[:10]),
+                "reward_last10": sum(rewards[-10:]) / len(rewards[-10:])}
 
 
 def train(cfg: Config, generator: Generator | None = None,
@@ -165,7 +170,7 @@ def train(cfg: Config, generator: Generator | None = None,
             step = state["step"]
             source.load_state_dict(state["source"])
         source.start(trainer, step)
-        _Loop(cfg, trainer, source, step).run()
-        return {"steps": cfg.trainer.steps, **export_final(cfg, trainer, tokenizer)}
+        rewards = _Loop(cfg, trainer, source, step).run()
+        return {"steps": cfg.trainer.steps, **rewards, **export_final(cfg, trainer, tokenizer)}
     finally:
         source.close()

@@ -78,6 +78,7 @@ class VLLMGenerator:
             skip_tokenizer_init=cfg.skip_tokenizer_init,
             logprobs_mode=cfg.logprobs_mode,
             seed=seed,
+            use_tqdm_on_load=False,  # the loop shows its own progress
         )
         if cfg.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
