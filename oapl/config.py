@@ -37,8 +37,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Prompts and their reward. ``source``: ``toy:<task>``, ``word_problems`` (``split``:
-    train | eval; see ``oapl.data.word_problem_records``), a ``.jsonl`` / ``.parquet`` file,
-    or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
+    train | eval; see ``oapl.data.word_problem_records``), ``humaneval`` (see
+    ``oapl.tasks.humaneval``), a ``.jsonl`` / ``.parquet`` file, or ``datasets:<name or saved
+    dir>`` (needs the ``datasets`` package)."""
 
     source: str = "toy:max"
     split: str = "train"
@@ -49,11 +50,24 @@ class DataConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
-    reward: str = "toy"  # toy | exact_match | math | word_problems
+    reward: str = "toy"  # toy | exact_match | math | word_problems | code
+    # Options of the reward; only code takes any: partial, timeout_s, memory_mb, max_procs,
+    # allow_unsandboxed, ... (see oapl.code_reward and oapl.sandbox.Limits).
+    reward_kwargs: dict = field(default_factory=dict)
+    # Threads that score a batch (a bounded pool). None: 64 for code (its threads wait on
+    # sandboxes, so a batch of hung programs costs about one timeout), 1 for the others.
+    reward_workers: int | None = None
     prompts_per_step: int = 64  # prompts per generated batch
     # A rollout file (.parquet / .jsonl, from `oapl generate`): `oapl train` then trains on it
     # offline, with no generator (see oapl/offline.py); prompts_per_step groups per batch.
     rollouts: str | None = None
+
+    @property
+    def score_workers(self) -> int:
+        """Threads that score a batch: ``reward_workers``, or the reward's default."""
+        if self.reward_workers is not None:
+            return self.reward_workers
+        return 64 if self.reward == "code" else 1
 
 
 @dataclass
@@ -159,6 +173,11 @@ class Config:
         ]:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if d.reward_workers is not None and d.reward_workers < 1:
+            raise ValueError(f"data.reward_workers must be >= 1, got {d.reward_workers}")
+        if d.reward == "math" and d.score_workers > 1:
+            raise ValueError("data.reward=math needs data.reward_workers=1: math-verify's time "
+                             "limits only work in the main thread")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
         if a.ref_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:

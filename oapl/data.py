@@ -59,13 +59,18 @@ class Prompt:
 
 def read_records(cfg: DataConfig) -> list[dict]:
     """Raw records from ``cfg.source``, each with ``prompt`` and ``answer`` keys (renamed from
-    ``cfg.prompt_key`` / ``cfg.answer_key``); other fields are kept."""
+    ``cfg.prompt_key`` / ``cfg.answer_key``); other fields are kept. Code records (HumanEval,
+    or files scored with ``data.reward: code``) carry tests instead of an answer."""
     src = cfg.source
     if src.startswith("toy:"):
         rows = toy_task(src[4:]).records
         return rows[: cfg.limit] if cfg.limit is not None else rows
     if src == "word_problems":
         return word_problem_records(cfg)
+    if src == "humaneval":
+        from .tasks.humaneval import humaneval_records
+
+        return humaneval_records(cfg.limit)
     if src.startswith("datasets:"):
         try:
             import datasets
@@ -88,18 +93,20 @@ def read_records(cfg: DataConfig) -> list[dict]:
     else:
         raise ValueError(
             f"data.source {src!r}: expected toy:<task> (tasks: {sorted(TOY_TASKS)}), "
-            "word_problems, a .jsonl or .parquet file, or datasets:<name or dir>"
+            "word_problems, humaneval, a .jsonl or .parquet file, or datasets:<name or dir>"
         )
     if cfg.limit is not None:
         rows = rows[: cfg.limit]
+    required = (cfg.prompt_key,) if cfg.reward == "code" else (cfg.prompt_key, cfg.answer_key)
     out = []
     for i, row in enumerate(rows):
-        for key in (cfg.prompt_key, cfg.answer_key):
+        for key in required:
             if key not in row:
                 raise ValueError(f"{src}: record {i} has no field {key!r} (fields: {list(row)})")
         rec = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.answer_key)}
         rec["prompt"] = str(row[cfg.prompt_key])
-        rec["answer"] = str(row[cfg.answer_key])
+        if cfg.answer_key in row:
+            rec["answer"] = str(row[cfg.answer_key])
         out.append(rec)
     return out
 

@@ -127,7 +127,7 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
     labels = model_labels(paths)
     tok = AutoTokenizer.from_pretrained(dirs[0])
     prompts = load_prompts(cfg.data, tok)
-    reward_fn = get_reward_fn(cfg.data.reward)
+    reward_fn = get_reward_fn(cfg.data.reward, **cfg.data.reward_kwargs)
     n = cfg.generation.n
     seed = cfg.seed * 1_000_000_007 + EVAL_SEED_OFFSET
     own = generator is None
@@ -143,10 +143,10 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
             texts = tok.batch_decode([r.completion_ids for r in rollouts],
                                      skip_special_tokens=True)
             records = [prompts[r.prompt_index].record for r in rollouts]
-            rewards, _ = score_all(reward_fn, records, texts)
+            rewards, _ = score_all(reward_fn, records, texts, cfg.data.score_workers)
             samples = [
                 {"model": label, "prompt_id": r.prompt_index, "sample": j % n,
-                 "prompt": rec["prompt"], "answer": rec["answer"], "completion": text,
+                 "prompt": rec["prompt"], "answer": rec.get("answer"), "completion": text,
                  "reward": reward, "correct": int(reward >= 1.0),
                  "finish_reason": r.finish_reason, "num_tokens": len(r.completion_ids)}
                 for j, (r, rec, text, reward) in enumerate(zip(rollouts, records, texts, rewards))

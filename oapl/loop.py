@@ -141,7 +141,7 @@ class _Run:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.prompts = load_prompts(cfg.data, tok)
-        self.reward_fn = get_reward_fn(cfg.data.reward)
+        self.reward_fn = get_reward_fn(cfg.data.reward, **cfg.data.reward_kwargs)
         self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
         _seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
         device = resolve_device(cfg.trainer.device)
@@ -178,7 +178,7 @@ class _Run:
             [r.completion_ids for r in rollouts], skip_special_tokens=True
         )
         records = [self.prompts[r.prompt_index].record for r in rollouts]
-        rewards, failed = score_all(self.reward_fn, records, texts)
+        rewards, failed = score_all(self.reward_fn, records, texts, cfg.data.score_workers)
         score_s = time.perf_counter() - t
         batch = collate(rollouts, rewards, self.pad_id)
         t = time.perf_counter()

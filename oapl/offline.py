@@ -87,7 +87,7 @@ def generate_rollouts(
         version = checkpoint_step(cfg.model.path) if is_checkpoint(cfg.model.path) else 0
     tok = AutoTokenizer.from_pretrained(path)
     prompts = load_prompts(cfg.data, tok)
-    reward_fn = get_reward_fn(cfg.data.reward)
+    reward_fn = get_reward_fn(cfg.data.reward, **cfg.data.reward_kwargs)
     n = cfg.generation.n
     own = generator is None
     if own:
@@ -103,7 +103,7 @@ def generate_rollouts(
             generator.close()
     texts = tok.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
     records = [prompts[r.prompt_index].record for r in rollouts]
-    rewards, failed = score_all(reward_fn, records, texts)
+    rewards, failed = score_all(reward_fn, records, texts, cfg.data.score_workers)
     values = optimal_values(torch.tensor(rewards, dtype=torch.float64), group_size=n,
                             beta1=cfg.algorithm.beta1)
     rows = [

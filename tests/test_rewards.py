@@ -45,5 +45,5 @@ def test_score_all_turns_failures_into_zero():
 
 def test_reward_registry():
     assert get_reward_fn("math") is math_answer
-    with pytest.raises(ValueError, match="available: \\['exact_match', 'math', 'toy', 'word_problems'\\]"):
+    with pytest.raises(ValueError, match="available: \\['code', 'exact_match', 'math', 'toy', 'word_problems'\\]"):
         get_reward_fn("f1")
