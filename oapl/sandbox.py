@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -263,9 +263,9 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def processes_of(uid: int) -> list[int]:
-    """Pids of the live (not zombie) processes whose real uid is ``uid``. (A sandbox's pid 1
-    is reparented when bwrap exits first, and stays a zombie until the host's init reaps it.)"""
+def processes_of(uids: Container[int]) -> list[int]:
+    """Pids of the live (not zombie) processes whose real uid is in ``uids``. (A sandbox's
+    pid 1 is reparented when bwrap exits first; it stays a zombie until init reaps it.)"""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -275,15 +275,21 @@ def processes_of(uid: int) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f if line.startswith(("State", "Uid")))
         except (OSError, ValueError):
             continue
-        if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in "ZX":
+        if int(fields["Uid"].split()[0]) in uids and fields["State"].split()[0] not in "ZX":
             pids.append(int(entry))
     return pids
+
+
+def own_uids() -> range:
+    """The uids that this process's sandboxed runs use (as root)."""
+    start = UID_BASE + (os.getpid() % 2048) * UID_SLOTS
+    return range(start, start + UID_SLOTS)
 
 
 def _task_count(uid: int) -> int:
     """Processes and threads whose real uid is ``uid`` (what RLIMIT_NPROC counts)."""
     count = 0
-    for pid in processes_of(uid):
+    for pid in processes_of((uid,)):
         try:
             count += len(os.listdir(f"/proc/{pid}/task"))
         except OSError:
@@ -307,16 +313,16 @@ class _UidPool:
             if slot is None:
                 raise SandboxError(f"more than {UID_SLOTS} concurrent sandboxed runs")
             self._busy.add(slot)
-        uid = UID_BASE + (os.getpid() % 2048) * UID_SLOTS + slot
+        uid = own_uids()[slot]
         try:
             yield uid
         finally:
             deadline = time.monotonic() + gone_timeout_s
-            while processes_of(uid) and time.monotonic() < deadline:
+            while processes_of((uid,)) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            if processes_of(uid):
+            if processes_of((uid,)):
                 log.error("sandbox uid %d still has processes %s; not reusing it",
-                          uid, processes_of(uid))
+                          uid, processes_of((uid,)))
             else:
                 with self._lock:
                     self._busy.discard(slot)
