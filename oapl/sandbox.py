@@ -7,7 +7,9 @@ a minimal read-only ``/dev``, ``/`` read-only, a private size-capped tmpfs ``/tm
 writable place and the working directory, and a scrubbed environment. Nothing of the
 repository, the home directory or the run directory is visible.
 
-Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
+The command runs as the sandbox's pid 1 (``--as-pid-1``): nothing inside can signal it, and
+bwrap reaps it (with a separate init, that init outlives bwrap as a zombie for the host's init
+to reap). Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
 process count, and disables core dumps. As root, each run first drops (``setpriv``) to a uid of
 its own (one per concurrent run), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and
 no sandboxed process may signal anything outside. A wall-clock timeout kills the whole tree:
@@ -169,7 +171,7 @@ def _command(argv: list[str], limits: Limits, uid: int | None) -> list[str]:
     bwrap = [
         shutil.which("bwrap"),
         "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-        "--new-session", *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
+        "--new-session", "--as-pid-1", *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
         "--remount-ro", "/dev", "--size", str(limits.tmpfs_mb << 20), "--tmpfs", "/tmp",
         "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", ENV["PATH"],
         "--setenv", "LANG", ENV["LANG"], "--setenv", "HOME", "/tmp", "--",
@@ -264,8 +266,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def processes_of(uids: Container[int]) -> list[int]:
-    """Pids of the live (not zombie) processes whose real uid is in ``uids``. (A sandbox's
-    pid 1 is reparented when bwrap exits first; it stays a zombie until init reaps it.)"""
+    """Pids of the live (not zombie) processes whose real uid is in ``uids``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

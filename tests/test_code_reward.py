@@ -4,6 +4,7 @@ program would pass if its attack worked (it returns the right answer only then, 
 itself is a way past the tests), so its 0 shows the defence held; the test also checks that the
 caller lives on and nothing outside the sandbox changed."""
 
+import json
 import os
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from oapl import sandbox
 from oapl.code_reward import extract_program, normalize_output, run_tests
-from oapl.config import DataConfig
+from oapl.config import DataConfig, config_from_dict
 from oapl.data import read_records
 from oapl.rewards import get_reward_fn, score_all
 from oapl.sandbox import Limits, own_uids, processes_of
@@ -32,6 +33,7 @@ SUM = {"prompt": "Print the sum of two integers.",
        "tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10"},
                  {"input": "-4 1", "output": "-3"}]}
 SUM_PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
+LEGIT_TIMEOUT_S = 30  # honest programs: generous, as the CPUs are shared with other jobs
 
 
 def fenced(code: str) -> str:
@@ -49,7 +51,7 @@ def nothing_left_behind():
 def humaneval():
     records = read_records(DataConfig(source="humaneval", reward="code"))
     start = time.monotonic()
-    rewards, failed = score_all(get_reward_fn("code"), records,
+    rewards, failed = score_all(get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S), records,
                                 [r["canonical_solution"] for r in records], workers=16)
     return records, rewards, failed, time.monotonic() - start
 
@@ -82,7 +84,7 @@ def test_program_extraction():
 
 
 def test_unit_test_records():
-    fn = get_reward_fn("code", timeout_s=5)
+    fn = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S)
     assert fn(ADD, "    return a + b\n") == 1.0
     assert fn(ADD, fenced("def add(a, b):\n    return b + a\n")) == 1.0
     assert fn(ADD, "    return a - b\n") == 0.0
@@ -91,7 +93,8 @@ def test_unit_test_records():
 
 
 def test_stdin_stdout_records():
-    fn, part = get_reward_fn("code", timeout_s=5), get_reward_fn("code", partial=True, timeout_s=5)
+    fn = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S)
+    part = get_reward_fn("code", partial=True, timeout_s=LEGIT_TIMEOUT_S)
     assert fn(SUM, fenced(SUM_PROGRAM)) == 1.0
     assert fn(SUM, SUM_PROGRAM.replace("print(a + b)", "print(a + b, ' ')\nprint()")) == 1.0
     assert fn({**SUM, "tests": '[{"input": "2 2", "output": "4"}]'}, SUM_PROGRAM) == 1.0
@@ -103,6 +106,24 @@ def test_stdin_stdout_records():
         fn({**SUM, "tests": []}, SUM_PROGRAM)
     with pytest.raises(ValueError, match="needs 'tests'"):
         fn({"prompt": "x"}, SUM_PROGRAM)
+
+
+def test_config_keys_and_records(tmp_path):
+    assert DataConfig(reward="code").score_workers == 64 and DataConfig().score_workers == 1
+    assert DataConfig(reward="code", reward_workers=3).score_workers == 3
+    with pytest.raises(ValueError, match="math needs data.reward_workers=1"):
+        config_from_dict({"data": {"reward": "math", "reward_workers": 4}})
+    cfg = config_from_dict({"data": {"reward": "code", "reward_kwargs": {"partial": True}}})
+    assert cfg.data.reward_kwargs == {"partial": True}
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps(SUM) + "\n")
+    (rec,) = read_records(DataConfig(source=str(path), reward="code"))
+    assert rec["tests"] == SUM["tests"] and "answer" not in rec
+    with pytest.raises(ValueError, match="has no field 'answer'"):
+        read_records(DataConfig(source=str(path), reward="exact_match"))
+    two = read_records(DataConfig(source="humaneval", limit=2))
+    assert [r["task_id"] for r in two] == ["HumanEval/0", "HumanEval/1"]
+    assert set(two[0]) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
 
 
 def test_bad_options_fail_at_once():
@@ -227,15 +248,15 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
             "def add(a, b):\n"
             f"    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'pwned')\n"
             "    return a + b\n"),
-        "kill the parent": (
-            "import os, signal\n"
+        "kill the parent": (  # then a wrong answer: a harness that took a dead parent for a
+            "import os, signal\n"  # pass would score it
             "def add(a, b):\n"
             f"    for pid in (os.getppid(), 1, {os.getpid()}, -1):\n"
             "        try:\n"
             "            os.kill(pid, signal.SIGKILL)\n"
             "        except OSError:\n"
             "            pass\n"
-            "    return a + b\n"),
+            "    return None\n"),
         "sys.exit(0) before the tests": "def add(a, b):\n    return a + b\n\nimport sys\nsys.exit(0)\n",
         "os._exit(0) in the call": "import os\ndef add(a, b):\n    os._exit(0)\n",
         "__eq__ always true": (  # made picklable: importable as solution.Anything
@@ -259,15 +280,19 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
         "            pass\n"
         "    found = re.search(rb'candidate\\(\\) == .([0-9a-f]{32})', blob)\n"
         "    return found and found.group(1).decode()\n"))
-    cases["stdin/stdout: kill the runner, then answer"] = (SUM, fenced(
+    cases["stdin/stdout: kill the runner, fake its reports"] = (SUM, fenced(
         "import json, os\n"
-        "os.kill(os.getppid(), 9)\n"
+        "for pid in (os.getppid(), 1, -1):\n"
+        "    try:\n"
+        "        os.kill(pid, 9)\n"
+        "    except OSError:\n"
+        "        pass\n"
         "fake = [json.dumps({'nonce': '0' * 32, 'case': i, 'status': 0, 'digest': ''}) for i in range(3)]\n"
         "for fd in ('/proc/1/fd/1', '/dev/stdout'):\n"
         "    try:\n"
         "        open(fd, 'w').write('\\n'.join(fake) + '\\n')\n"
         "    except OSError:\n"
-        "        pass\n" + SUM_PROGRAM))
+        "        pass\n"))
     cases["stdin/stdout: print 1 GB"] = (SUM, fenced(
         SUM_PROGRAM + "import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)\n"))
     cases["stdin/stdout: infinite loop"] = (SUM, fenced("while True:\n    pass\n"))
@@ -275,14 +300,14 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
 
 
 def test_an_honest_program_passes_in_the_same_setting(hostile):
-    assert run_tests(ADD, "    return a + b\n", Limits(timeout_s=4)).passed == 1
+    assert run_tests(ADD, "    return a + b\n", Limits(timeout_s=LEGIT_TIMEOUT_S)).passed == 1
 
 
 @pytest.mark.parametrize("name", [
     "infinite loop", "fork flood", "allocate 10 GB", "print 1 GB", "write outside",
     "delete what it sees", "read the environment", "connect to 127.0.0.1", "kill the parent",
     "sys.exit(0) before the tests", "os._exit(0) in the call", "__eq__ always true",
-    "read the tests", "stdin/stdout: kill the runner, then answer", "stdin/stdout: print 1 GB",
+    "read the tests", "stdin/stdout: kill the runner, fake its reports", "stdin/stdout: print 1 GB",
     "stdin/stdout: infinite loop",
 ])
 def test_hostile_program_scores_0(hostile, name):
