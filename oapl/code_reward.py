@@ -210,11 +210,6 @@ def code_reward(record: dict, completion: str, *, partial: bool = False,
 def configure(**options) -> functools.partial:
     """``code_reward`` with ``options`` (``data.reward_kwargs``) bound, after checking them
     and the sandbox: without one this raises unless ``allow_unsandboxed`` is set."""
-    known = {"partial", "allow_unsandboxed"} | {f.name for f in dataclasses.fields(Limits)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"data.reward_kwargs: unknown option(s) {unknown} of the code reward; "
-                         f"valid: {sorted(known)}")
     _limits({k: v for k, v in options.items() if k not in ("partial", "allow_unsandboxed")})
     check_sandbox(bool(options.get("allow_unsandboxed", False)))
     if not os.access(SANDBOX_PYTHON, os.X_OK):
@@ -223,13 +218,19 @@ def configure(**options) -> functools.partial:
 
 
 def _limits(options: dict) -> Limits:
-    """``Limits`` from the reward's options, with one-line errors for bad values."""
-    limits = Limits(**options)
-    for f in dataclasses.fields(Limits):
-        value = getattr(limits, f.name)
-        if not value > 0:
-            raise ValueError(f"the code reward's {f.name} must be > 0, not {value!r}")
-    return limits
+    """``Limits`` from the reward's options, with one-line errors for unknown or bad ones."""
+    defaults = Limits()
+    kinds = {f.name: type(getattr(defaults, f.name)) for f in dataclasses.fields(Limits)}
+    for name, value in options.items():
+        if name not in kinds:
+            raise ValueError(f"data.reward_kwargs: unknown option {name!r} of the code reward; "
+                             f"valid: {sorted({'partial', 'allow_unsandboxed', *kinds})}")
+        kind = kinds[name]
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                or kind(value) != value):
+            raise ValueError(f"the code reward's {name} must be a positive {kind.__name__}, "
+                             f"not {value!r}")
+    return dataclasses.replace(defaults, **{k: kinds[k](v) for k, v in options.items()})
 
 
 def _harness_run(harness: str, job: dict, limits: Limits, allow_unsandboxed: bool) -> RunResult:

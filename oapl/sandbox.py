@@ -8,8 +8,8 @@ writable place and the working directory, and a scrubbed environment. Nothing of
 repository, the home directory or the run directory is visible.
 
 The command runs as the sandbox's pid 1 (``--as-pid-1``): nothing inside can signal it, and
-bwrap reaps it (with a separate init, that init outlives bwrap as a zombie for the host's init
-to reap). Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
+bwrap reaps it (a separate init would outlive bwrap as a zombie for the host's init to reap).
+Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
 process count, and disables core dumps. As root, each run first drops (``setpriv``) to a uid of
 its own (one per concurrent run), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and
 no sandboxed process may signal anything outside. A wall-clock timeout kills the whole tree:
@@ -83,7 +83,7 @@ class RunResult:
     stdout_truncated: bool  # more stdout than the cap was written: the run was killed
     stderr_truncated: bool  # more stderr than the cap was written: the run was killed
     timed_out: bool  # the wall clock ran out: the run was killed
-    duration_s: float  # wall-clock seconds from start to the last process gone
+    duration_s: float  # wall-clock seconds from the start until the run was reaped
     sandboxed: bool  # False only when run without isolation (``allow_unsandboxed``)
 
 

@@ -74,7 +74,8 @@ def test_wrong_and_empty_bodies_score_0(humaneval):
 
 def test_program_extraction():
     assert extract_program(ADD, "    return a + b\n") == ADD["prompt"] + "    return a + b\n"
-    two = "```python\nx = 1\n```\ntext\n```py\ndef add(a, b):\n    return a + b\n```\n```text\nout\n```"
+    two = ("```python\nx = 1\n```\ntext\n```py\ndef add(a, b):\n    return a + b\n```\n"
+           "```text\nout\n```")
     assert extract_program(ADD, two) == "def add(a, b):\n    return a + b\n"
     typed = {**ADD, "prompt": "from typing import List\nimport math\n\n" + ADD["prompt"]}
     assert extract_program(typed, two).startswith("from typing import List\nimport math\n")
@@ -127,10 +128,14 @@ def test_config_keys_and_records(tmp_path):
 
 
 def test_bad_options_fail_at_once():
-    with pytest.raises(ValueError, match="unknown option.*'timeout'"):
+    with pytest.raises(ValueError, match="unknown option 'timeout'"):
         get_reward_fn("code", timeout=3)
-    with pytest.raises(ValueError, match="memory_mb must be > 0"):
+    with pytest.raises(ValueError, match="memory_mb must be a positive int, not 0"):
         get_reward_fn("code", memory_mb=0)
+    with pytest.raises(ValueError, match="max_procs must be a positive int, not 2.5"):
+        get_reward_fn("code", max_procs=2.5)
+    float_mb = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S, memory_mb=512.0)
+    assert float_mb(ADD, "    return a + b") == 1.0
     with pytest.raises(ValueError, match="takes no options"):
         get_reward_fn("exact_match", partial=True)
 
@@ -145,7 +150,8 @@ def test_score_all_pool_keeps_order_and_failures():
     texts = ["1", "boom", "0", "nan", "1"] * 4
     assert score_all(flaky, [{}] * 20, texts, workers=8) == score_all(flaky, [{}] * 20, texts)
     rewards, failed = score_all(flaky, [{}] * 20, texts, workers=8)
-    assert rewards[:5] == [1.0, 0.0, 0.0, 0.0, 1.0] and failed[:5] == [False, True, False, True, False]
+    assert rewards[:5] == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert failed[:5] == [False, True, False, True, False]
 
 
 def test_a_batch_of_hung_programs_costs_about_one_timeout():
@@ -257,7 +263,8 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
             "        except OSError:\n"
             "            pass\n"
             "    return None\n"),
-        "sys.exit(0) before the tests": "def add(a, b):\n    return a + b\n\nimport sys\nsys.exit(0)\n",
+        "sys.exit(0) before the tests": (
+            "def add(a, b):\n    return a + b\n\nimport sys\nsys.exit(0)\n"),
         "os._exit(0) in the call": "import os\ndef add(a, b):\n    os._exit(0)\n",
         "__eq__ always true": (  # made picklable: importable as solution.Anything
             "import sys, types\n"
@@ -287,7 +294,8 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
         "        os.kill(pid, 9)\n"
         "    except OSError:\n"
         "        pass\n"
-        "fake = [json.dumps({'nonce': '0' * 32, 'case': i, 'status': 0, 'digest': ''}) for i in range(3)]\n"
+        "fake = [json.dumps({'nonce': '0' * 32, 'case': i, 'status': 0, 'digest': ''})\n"
+        "        for i in range(3)]\n"
         "for fd in ('/proc/1/fd/1', '/dev/stdout'):\n"
         "    try:\n"
         "        open(fd, 'w').write('\\n'.join(fake) + '\\n')\n"

@@ -37,8 +37,9 @@ def nothing_left_behind():
 def test_what_a_program_sees():
     r = python(
         "import json, os, sys\n"
-        "print(json.dumps({'root': sorted(os.listdir('/')), 'pid': os.getpid(), 'uid': os.getuid(),\n"
-        "    'cwd': os.getcwd(), 'env': dict(os.environ), 'stdin': sys.stdin.read(),\n"
+        "print(json.dumps({'root': sorted(os.listdir('/')), 'pid': os.getpid(),\n"
+        "    'uid': os.getuid(), 'cwd': os.getcwd(), 'env': dict(os.environ),\n"
+        "    'stdin': sys.stdin.read(),\n"
         "    'pids': sorted(p for p in os.listdir('/proc') if p.isdigit())}))\n",
         stdin=b"hello",
     )
@@ -47,7 +48,8 @@ def test_what_a_program_sees():
                                  "tmp", "usr"}
     assert seen["pid"] == 1 and seen["pids"] == ["1"]  # its own pid namespace
     assert seen["uid"] != 0 and seen["cwd"] == "/tmp" and seen["stdin"] == "hello"
-    assert seen["env"] == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp", "PWD": "/tmp"}
+    assert seen["env"] == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
+                           "PWD": "/tmp"}
     assert r.sandboxed and r.returncode == 0 and not r.timed_out
 
 
