@@ -5,6 +5,10 @@ STAMP := .venv/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 .PHONY: demo test bench gpu-suite clean
 
 $(STAMP): setup.py Makefile
+	# bubblewrap sandboxes model-written code (data.reward: code); apt-get it where we can (root).
+	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } \
+		>/dev/null 2>&1 || echo "note: could not install bubblewrap; the code reward needs bwrap"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch wheel first: anything that asks for torch later is then satisfied by it.

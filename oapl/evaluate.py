@@ -34,9 +34,8 @@ from .config import Config
 from .engine.generator import Generator, VLLMGenerator, sample_groups
 from .model_dir import model_dir, push_model
 from .prompts import load_prompts
-from .rewards import get_reward_fn
 from .run import EVAL_SEED_OFFSET, engine_dtype, sampling_seed, set_threads
-from .tasks import reward_name
+from .tasks import load_reward
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -127,7 +126,7 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
     labels = model_labels(paths)
     tok = AutoTokenizer.from_pretrained(dirs[0])
     prompts = load_prompts(cfg.data, tok)
-    reward_fn = get_reward_fn(reward_name(cfg.data))
+    reward_fn, reward_workers = load_reward(cfg.data)
     n = cfg.generation.n
     seed = sampling_seed(cfg.seed, EVAL_SEED_OFFSET)
     own = generator is None
@@ -142,7 +141,7 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
                                      cfg.data.prompts_per_step, f"oapl eval {label}")
             records = [prompts[r.prompt_index].record for r in rollouts]
             texts, rewards, _ = score_rollouts(reward_fn, tok, rollouts, records,
-                                               cfg.data.reward_workers)
+                                               reward_workers)
             samples = [
                 {"model": label, "prompt_id": r.prompt_index, "sample": j % n,
                  "prompt": rec["prompt"], "answer": rec.get("answer"), "completion": text,

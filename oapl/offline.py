@@ -28,10 +28,9 @@ from .engine.generator import Generator, VLLMGenerator, sample_groups
 from .loop import train
 from .model_dir import checkpoint_step, is_checkpoint, model_dir, push_model
 from .prompts import load_prompts
-from .rewards import get_reward_fn
 from .run import engine_dtype, sampling_seed, set_threads
 from .sources.rollout_file import write_rollouts
-from .tasks import reward_name
+from .tasks import load_reward
 
 
 def generate_rollouts(
@@ -51,7 +50,7 @@ def generate_rollouts(
         version = checkpoint_step(cfg.model.path) if is_checkpoint(cfg.model.path) else 0
     tok = AutoTokenizer.from_pretrained(path)
     prompts = load_prompts(cfg.data, tok)
-    reward_fn = get_reward_fn(reward_name(cfg.data))
+    reward_fn, reward_workers = load_reward(cfg.data)
     n = cfg.generation.n
     own = generator is None
     if own:
@@ -67,7 +66,7 @@ def generate_rollouts(
             generator.close()
     records = [prompts[r.prompt_index].record for r in rollouts]
     texts, rewards, failed = score_rollouts(reward_fn, tok, rollouts, records,
-                                            cfg.data.reward_workers)
+                                            reward_workers)
     values = optimal_values(torch.tensor(rewards, dtype=torch.float64), group_size=n,
                             beta1=cfg.algorithm.beta1)
     rows = [

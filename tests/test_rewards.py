@@ -48,5 +48,5 @@ def test_score_all_turns_failures_into_zero():
 
 def test_reward_registry():
     assert get_reward_fn("math") is math_answer
-    with pytest.raises(ValueError, match="available: \\['exact_match', 'final_answer', 'math'\\]"):
+    with pytest.raises(ValueError, match="available: \\['code', 'exact_match', 'final_answer', 'math'\\]"):
         get_reward_fn("f1")

@@ -12,9 +12,8 @@ from ..batch import collate, pad_token_id, score_rollouts
 from ..config import Config
 from ..engine.generator import Generator, VLLMGenerator
 from ..prompts import PromptSampler, load_prompts
-from ..rewards import get_reward_fn
 from ..run import sampling_seed
-from ..tasks import reward_name
+from ..tasks import load_reward
 from ..training.trainer import Trainer
 from .base import SampledBatch
 
@@ -30,7 +29,7 @@ class EngineSource:
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)
         self.prompts = load_prompts(cfg.data, tokenizer)
-        self.reward_fn = get_reward_fn(reward_name(cfg.data))
+        self.reward_fn, self.reward_workers = load_reward(cfg.data)
         self.own = generator is None
         self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
         self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
@@ -52,7 +51,7 @@ class EngineSource:
         t = time.perf_counter()
         records = [self.prompts[r.prompt_index].record for r in rollouts]
         _, rewards, failed = score_rollouts(self.reward_fn, self.tokenizer, rollouts, records,
-                                            cfg.data.reward_workers)
+                                            self.reward_workers)
         score_s = time.perf_counter() - t
         self.batches += 1
         return SampledBatch(rollouts, collate(rollouts, rewards, self.pad_id), failed,

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import DataConfig
-from ..rewards import required_fields
-from . import prompt_file, toy, word_problems
+from ..rewards import RewardFn, get_reward, get_reward_fn
+from . import humaneval, prompt_file, toy, word_problems
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ def _toy(name: str) -> Task:
 
 TASKS: dict[str, Task] = {
     "word_problems": Task("word_problems", word_problems.load, reward="final_answer"),
+    "humaneval": Task("humaneval", humaneval.load, reward="code"),
 }
 
 
@@ -63,10 +64,22 @@ def reward_name(cfg: DataConfig) -> str:
     return cfg.reward or get_task(cfg.source).reward
 
 
+def load_reward(cfg: DataConfig) -> tuple[RewardFn, int]:
+    """The reward function (with ``data.reward_kwargs``) and the size of its scoring pool
+    (``data.reward_workers``, else the reward's default)."""
+    name = reward_name(cfg)
+    reward = get_reward(name)
+    workers = cfg.reward_workers or reward.workers
+    if reward.main_thread and workers > 1:
+        raise ValueError(f"data.reward={name} needs data.reward_workers=1: it only works in "
+                         "the main thread")
+    return get_reward_fn(name, **cfg.reward_kwargs), workers
+
+
 def read_records(cfg: DataConfig) -> list[dict]:
     """The task's records, checked to hold the fields its reward reads."""
     records = get_task(cfg.source).load(cfg)
-    need = required_fields(reward_name(cfg))
+    need = get_reward(reward_name(cfg)).fields
     for i, rec in enumerate(records):
         missing = [k for k in need if k not in rec]
         if missing:

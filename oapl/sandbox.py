@@ -1,0 +1,332 @@
+"""Running untrusted programs (model-written code) in a sandbox; pure stdlib.
+
+Each run is a fresh bubblewrap (``bwrap``) sandbox: every namespace unshared (network, pid,
+ipc, uts, cgroup, user; no nested user namespaces), no capabilities, ``/usr`` (with the
+``/bin``, ``/lib*`` links or directories) read-only as the only host files, a fresh ``/proc``,
+a minimal read-only ``/dev``, ``/`` read-only, a private size-capped tmpfs ``/tmp`` as the only
+writable place and the working directory, and a scrubbed environment. Nothing of the
+repository, the home directory or the run directory is visible.
+
+The command runs as the sandbox's pid 1 (``--as-pid-1``): nothing inside can signal it, and
+bwrap reaps it (a separate init would outlive bwrap as a zombie for the host's init to reap).
+Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
+process count, and disables core dumps. As root, each run first drops (``setpriv``) to a uid of
+its own (one per concurrent run), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and
+no sandboxed process may signal anything outside. A wall-clock timeout kills the whole tree:
+bwrap dies, ``--die-with-parent`` kills the sandbox's pid 1, and with it goes the pid
+namespace; the run's uid is reused only once none of its processes is alive. Captured output is
+capped per stream: a run that writes more is killed.
+
+Where bwrap cannot run (not Linux, not installed, no user namespaces), ``run_program`` raises
+``SandboxUnavailable`` unless the caller opts into running without isolation
+(``allow_unsandboxed``), which then warns once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Container, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import lru_cache
+
+log = logging.getLogger(__name__)
+
+# The Python that sandboxed programs run on: it must live under the read-only /usr.
+SANDBOX_PYTHON = "/usr/bin/python3"
+UID_BASE = 1 << 20  # run uids: UID_BASE + (pid % 2048) * UID_SLOTS + slot (root only)
+UID_SLOTS = 512  # concurrent runs per process
+ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the whole environment of a run
+_TOOL_ERRORS = (b"bwrap: ", b"setpriv: ", b"prlimit: ")  # the sandbox failed, not the program
+_READ = 1 << 16
+
+
+class SandboxUnavailable(RuntimeError):
+    """Programs cannot be sandboxed here and the caller did not opt out of isolation."""
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed to run (a tool error), as opposed to the program in it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run."""
+
+    timeout_s: float = 10.0  # wall clock of the whole run; then every process in it is killed
+    cpu_s: int = 10  # CPU seconds per process (RLIMIT_CPU)
+    memory_mb: int = 1024  # address space per process (RLIMIT_AS)
+    file_mb: int = 16  # largest file a process may write (RLIMIT_FSIZE)
+    tmpfs_mb: int = 64  # size of the private writable /tmp
+    max_procs: int = 32  # processes and threads of the run (RLIMIT_NPROC of its own uid)
+    open_files: int = 256  # RLIMIT_NOFILE
+    max_output_bytes: int = 1 << 20  # captured per stream; writing more kills the run
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one run did."""
+
+    returncode: int  # exit status (bwrap passes its command's on); negative: killed by signal
+    stdout: bytes  # the first ``max_output_bytes`` of standard output
+    stderr: bytes  # the first ``max_output_bytes`` of standard error
+    stdout_truncated: bool  # more stdout than the cap was written: the run was killed
+    stderr_truncated: bool  # more stderr than the cap was written: the run was killed
+    timed_out: bool  # the wall clock ran out: the run was killed
+    duration_s: float  # wall-clock seconds from the start until the run was reaped
+    sandboxed: bool  # False only when run without isolation (``allow_unsandboxed``)
+
+
+@lru_cache(maxsize=None)
+def sandbox_problem() -> str | None:
+    """Why programs cannot run sandboxed here, or None when they can: checks the platform and
+    the tools on PATH, then makes one trial run (which fails, e.g., without user namespaces)."""
+    if not sys.platform.startswith("linux"):
+        return f"the sandbox (bubblewrap) needs Linux, this is {sys.platform}"
+    tools = ("bwrap", "prlimit", "setpriv") if os.geteuid() == 0 else ("bwrap", "prlimit")
+    for tool in tools:
+        if shutil.which(tool) is None:
+            return f"{tool} not found on PATH (apt-get install bubblewrap util-linux)"
+    try:
+        trial = _run(["/bin/sh", "-c", "echo ok"], b"", Limits(timeout_s=30), sandboxed=True)
+    except SandboxError as exc:
+        return f"bwrap does not run here: {exc}"
+    if trial.stdout != b"ok\n":
+        err = trial.stderr.decode(errors="replace").strip()[:300]
+        return f"a trial bwrap run failed (exit {trial.returncode}): {err}"
+    return None
+
+
+_warned = threading.Lock()
+_warned_once: list[str] = []
+
+
+def check_sandbox(allow_unsandboxed: bool = False) -> bool:
+    """True when programs will run sandboxed. Without a usable sandbox: raise
+    ``SandboxUnavailable``, or with ``allow_unsandboxed`` warn (once) and return False."""
+    problem = sandbox_problem()
+    if problem is None:
+        return True
+    if not allow_unsandboxed:
+        raise SandboxUnavailable(
+            f"cannot sandbox model-written code: {problem}; install bubblewrap, or set "
+            "data.reward_kwargs.allow_unsandboxed=true to run it WITHOUT any isolation"
+        )
+    with _warned:
+        if not _warned_once:
+            _warned_once.append(problem)
+            warnings.warn(f"running model-written code WITHOUT isolation: {problem}",
+                          RuntimeWarning, stacklevel=2)
+    return False
+
+
+def run_program(
+    argv: Sequence[str], stdin: bytes = b"", limits: Limits = Limits(), *,
+    allow_unsandboxed: bool = False,
+) -> RunResult:
+    """Run ``argv`` (paths as seen inside: ``SANDBOX_PYTHON``, ``/bin/sh``) in a fresh sandbox,
+    fed ``stdin``, under ``limits``; its working directory is its private ``/tmp``. Raises
+    ``SandboxUnavailable`` (see ``check_sandbox``) or ``SandboxError`` (the sandbox failed)."""
+    return _run(list(argv), stdin, limits, check_sandbox(allow_unsandboxed))
+
+
+def _run(argv: list[str], stdin: bytes, limits: Limits, sandboxed: bool) -> RunResult:
+    """One run, sandboxed or (opted into) only under the rlimits in a temporary directory."""
+    lease = _UIDS.lease() if sandboxed and os.geteuid() == 0 else nullcontext(None)
+    workdir = nullcontext("/") if sandboxed else tempfile.TemporaryDirectory(prefix="oapl-run-")
+    with lease as uid, workdir as cwd:
+        cmd = _command(argv, limits, uid) if sandboxed else _prlimit(limits, own_uid=False) + argv
+        start = time.monotonic()
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=ENV, cwd=cwd,
+                              start_new_session=True) as proc:
+            try:
+                out, err, timed_out = _communicate(proc, stdin, limits, start + limits.timeout_s)
+            finally:
+                _kill(proc)
+        result = RunResult(proc.returncode, bytes(out[:limits.max_output_bytes]),
+                           bytes(err[:limits.max_output_bytes]),
+                           len(out) > limits.max_output_bytes, len(err) > limits.max_output_bytes,
+                           timed_out, time.monotonic() - start, sandboxed)
+    killed = timed_out or result.stdout_truncated or result.stderr_truncated
+    if sandboxed and result.returncode != 0 and not killed and err.startswith(_TOOL_ERRORS):
+        raise SandboxError(err.decode(errors="replace").splitlines()[0])
+    return result
+
+
+def _command(argv: list[str], limits: Limits, uid: int | None) -> list[str]:
+    """prlimit [setpriv to ``uid``] bwrap ... ``argv``."""
+    drop = ([shutil.which("setpriv"), f"--reuid={uid}", f"--regid={uid}",
+             "--clear-groups", "--"] if uid is not None else [])
+    bwrap = [
+        shutil.which("bwrap"),
+        "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+        "--new-session", "--as-pid-1", *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
+        "--remount-ro", "/dev", "--size", str(limits.tmpfs_mb << 20), "--tmpfs", "/tmp",
+        "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", ENV["PATH"],
+        "--setenv", "LANG", ENV["LANG"], "--setenv", "HOME", "/tmp", "--",
+    ]
+    return _prlimit(limits, own_uid=uid is not None) + drop + bwrap + argv
+
+
+def _prlimit(limits: Limits, own_uid: bool) -> list[str]:
+    """The rlimits of a run as a ``prlimit`` prefix. RLIMIT_NPROC counts every process of the
+    real uid: with a uid of its own that is the run's; otherwise the user's, so it is raised
+    by what the user already runs (and is then only a loose bound)."""
+    nproc = limits.max_procs + (0 if own_uid else _task_count(os.getuid()))
+    return [
+        shutil.which("prlimit"), f"--cpu={limits.cpu_s}",
+        f"--as={limits.memory_mb << 20}", f"--fsize={limits.file_mb << 20}",
+        f"--nproc={nproc}", f"--nofile={limits.open_files}", "--core=0", "--",
+    ]
+
+
+@lru_cache(maxsize=None)
+def _system_mounts() -> tuple[str, ...]:
+    """Read-only /usr, and the top-level /bin, /sbin, /lib* as they are here: symlinks into
+    /usr (merged /usr) or read-only directories."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = "/" + name
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return tuple(args)
+
+
+def _communicate(proc: subprocess.Popen, stdin: bytes, limits: Limits,
+                 deadline: float) -> tuple[bytearray, bytearray, bool]:
+    """Feed ``stdin`` and collect stdout and stderr (each up to one byte over the cap) until
+    both close, a stream passes the cap or the deadline passes; return (stdout, stderr,
+    timed_out). The caller kills the run afterwards."""
+    cap = limits.max_output_bytes
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    pending = memoryview(stdin)
+    in_fd = proc.stdin.fileno()
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        os.set_blocking(in_fd, False)
+        sel.register(in_fd, selectors.EVENT_WRITE)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return *bufs.values(), True
+            for key, _ in sel.select(left):
+                if key.fd == in_fd:
+                    pending = _write_some(in_fd, pending)
+                    if not pending:
+                        sel.unregister(in_fd)
+                        proc.stdin.close()
+                    continue
+                data = os.read(key.fd, _READ)
+                if not data:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                buf += data[: cap + 1 - len(buf)]
+                if len(buf) > cap:
+                    return *bufs.values(), False
+    try:
+        proc.wait(max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        return *bufs.values(), True
+    return *bufs.values(), False
+
+
+def _write_some(fd: int, pending: memoryview) -> memoryview:
+    """Write what the pipe takes of ``pending``; the rest (nothing once the reader is gone)."""
+    try:
+        return pending[os.write(fd, pending[:_READ]):]
+    except BlockingIOError:
+        return pending
+    except BrokenPipeError:
+        return pending[:0]
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the run's process group (bwrap; its pid namespace dies with it) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def processes_of(uids: Container[int]) -> list[int]:
+    """Pids of the live (not zombie) processes whose real uid is in ``uids``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("State", "Uid")))
+        except (OSError, ValueError):
+            continue
+        if int(fields["Uid"].split()[0]) in uids and fields["State"].split()[0] not in "ZX":
+            pids.append(int(entry))
+    return pids
+
+
+def own_uids() -> range:
+    """The uids that this process's sandboxed runs use (as root)."""
+    start = UID_BASE + (os.getpid() % 2048) * UID_SLOTS
+    return range(start, start + UID_SLOTS)
+
+
+def _task_count(uid: int) -> int:
+    """Processes and threads whose real uid is ``uid`` (what RLIMIT_NPROC counts)."""
+    count = 0
+    for pid in processes_of((uid,)):
+        try:
+            count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            pass
+    return count
+
+
+class _UidPool:
+    """A uid of its own for each concurrent sandboxed run (root only)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._busy: set[int] = set()
+
+    @contextmanager
+    def lease(self, gone_timeout_s: float = 10.0) -> Iterator[int]:
+        """A free uid for one run; it is given back once no process of it is alive (a uid
+        whose processes outlive the timeout is never reused)."""
+        with self._lock:
+            slot = next((s for s in range(UID_SLOTS) if s not in self._busy), None)
+            if slot is None:
+                raise SandboxError(f"more than {UID_SLOTS} concurrent sandboxed runs")
+            self._busy.add(slot)
+        uid = own_uids()[slot]
+        try:
+            yield uid
+        finally:
+            deadline = time.monotonic() + gone_timeout_s
+            while processes_of((uid,)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if processes_of((uid,)):
+                log.error("sandbox uid %d still has processes %s; not reusing it",
+                          uid, processes_of((uid,)))
+            else:
+                with self._lock:
+                    self._busy.discard(slot)
+
+
+_UIDS = _UidPool()

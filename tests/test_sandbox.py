@@ -1,0 +1,187 @@
+"""The sandbox for model-written code (oapl.sandbox), with the real bubblewrap: what a program
+sees, the limits, the wall-clock kill of a whole tree, output caps, and the refusal to run
+without isolation unless asked. Hostile programs are bounded by construction (a few hundred
+sleeping forks, allocations that are never touched), so a sandbox bug cannot take CI down."""
+
+import json
+import os
+import shutil
+import socket
+import time
+import warnings
+
+import pytest
+
+from oapl import sandbox
+from oapl.sandbox import (
+    SANDBOX_PYTHON, Limits, SandboxUnavailable, own_uids, processes_of, run_program,
+)
+
+pytestmark = pytest.mark.skipif(sandbox.sandbox_problem() is not None,
+                                reason=f"no sandbox here: {sandbox.sandbox_problem()}")
+QUICK = Limits(timeout_s=5)
+
+
+def python(code: str, limits: Limits = QUICK, stdin: bytes = b"") -> sandbox.RunResult:
+    return run_program([SANDBOX_PYTHON, "-I", "-c", code], stdin, limits)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_behind():
+    """After the module's runs, no process of a sandbox uid of this process is alive."""
+    yield
+    if os.geteuid() == 0:
+        assert processes_of(own_uids()) == []
+
+
+def test_what_a_program_sees():
+    r = python(
+        "import json, os, sys\n"
+        "print(json.dumps({'root': sorted(os.listdir('/')), 'pid': os.getpid(),\n"
+        "    'uid': os.getuid(), 'cwd': os.getcwd(), 'env': dict(os.environ),\n"
+        "    'stdin': sys.stdin.read(),\n"
+        "    'pids': sorted(p for p in os.listdir('/proc') if p.isdigit())}))\n",
+        stdin=b"hello",
+    )
+    seen = json.loads(r.stdout)
+    assert set(seen["root"]) <= {"bin", "dev", "lib", "lib32", "lib64", "libx32", "proc", "sbin",
+                                 "tmp", "usr"}
+    assert seen["pid"] == 1 and seen["pids"] == ["1"]  # its own pid namespace
+    assert seen["uid"] != 0 and seen["cwd"] == "/tmp" and seen["stdin"] == "hello"
+    assert seen["env"] == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
+                           "PWD": "/tmp"}
+    assert r.sandboxed and r.returncode == 0 and not r.timed_out
+
+
+def test_only_tmp_is_writable_and_it_is_private(tmp_path):
+    outside = tmp_path / "visible?"
+    outside.write_text("original")
+    r = python(
+        "import os\n"
+        f"for p in ['/tmp/a', '/usr/x', '/x', '/dev/shm/x', '/dev/x', {str(outside)!r}]:\n"
+        "    try:\n"
+        "        open(p, 'w').write('pwned'); print(p, 'ok')\n"
+        "    except OSError as e:\n"
+        "        print(p, e.errno)\n"
+    )
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "/tmp/a ok" and all(not line.endswith(" ok") for line in lines[1:])
+    assert outside.read_text() == "original" and not os.path.exists("/tmp/a")
+
+
+def test_wall_clock_kills_the_whole_tree():
+    start = time.monotonic()
+    r = python(
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"  # a grandchild that leaves the process group
+        "    while True: pass\n"
+        "print('forked', flush=True)\n"
+        "while True: pass\n",
+        Limits(timeout_s=1.5),
+    )
+    assert r.timed_out and r.returncode < 0 and r.stdout == b"forked\n"
+    assert 1.5 <= r.duration_s < 5 and time.monotonic() - start < 8
+    if os.geteuid() == 0:
+        assert processes_of(own_uids()) == []  # the setsid grandchild died with the namespace
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per run needs root")
+def test_fork_flood_is_bounded_and_reaped():
+    r = python(
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(300):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    n += 1\n"
+        "print(n)\n",
+        Limits(timeout_s=10, max_procs=16),
+    )
+    assert 0 < int(r.stdout) < 16  # bwrap's own processes count too
+    assert r.duration_s < 10 and not r.timed_out  # the sleepers died with the namespace
+    assert processes_of(own_uids()) == []
+
+
+def test_memory_cpu_and_file_limits():
+    r = python("x = bytearray(10 * 2**30)")  # calloc: never touched, so bounded by construction
+    assert r.returncode != 0 and b"MemoryError" in r.stderr
+    r = python("while True: pass", Limits(timeout_s=20, cpu_s=1))
+    assert r.returncode != 0 and not r.timed_out and r.duration_s < 15  # SIGXCPU, not the clock
+    r = python("open('/tmp/big', 'wb').write(b'x' * (20 << 20))", Limits(timeout_s=10, file_mb=16))
+    assert r.returncode != 0 and not r.timed_out  # SIGXFSZ
+
+
+def test_output_is_capped():
+    r = python("import sys\nwhile True: sys.stdout.write('x' * 65536)", Limits(timeout_s=30))
+    assert r.stdout_truncated and not r.stderr_truncated and r.returncode < 0
+    assert len(r.stdout) == Limits().max_output_bytes and r.duration_s < 10
+    r = python("import sys\nsys.stderr.write('e' * 100)\nprint('fine')")
+    assert r.stdout == b"fine\n" and r.stderr == b"e" * 100 and not r.stdout_truncated
+
+
+def test_no_network():
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    with listener:
+        r = python(
+            "import socket\n"
+            f"for host in ('127.0.0.1', 'localhost', {socket.gethostname()!r}, '1.1.1.1'):\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {port}), timeout=1).sendall(b'pwned')\n"
+            "        print(host, 'connected')\n"
+            "    except OSError as e:\n"
+            "        print(host, type(e).__name__)\n"
+        )
+        assert b"connected" not in r.stdout and r.stdout.count(b"\n") == 4
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_environment_is_scrubbed(monkeypatch):
+    secret = os.urandom(16).hex()
+    monkeypatch.setenv("OAPL_TEST_SECRET", secret)
+    r = python(
+        "import glob, os\n"
+        "print(dict(os.environ))\n"
+        "for p in glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline'):\n"
+        "    try:\n"
+        "        print(p, open(p, 'rb').read())\n"
+        "    except OSError as e:\n"
+        "        print(p, e)\n"
+    )
+    assert b"/proc/1/environ" in r.stdout
+    assert secret.encode() not in r.stdout + r.stderr and b"OAPL_TEST_SECRET" not in r.stdout
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch):
+    """A machine without bwrap on PATH, for one test."""
+    which = shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which",
+                        lambda name, *a, **k: None if name == "bwrap" else which(name, *a, **k))
+    monkeypatch.setattr(sandbox, "_warned_once", [])
+    sandbox.sandbox_problem.cache_clear()
+    yield
+    sandbox.sandbox_problem.cache_clear()
+
+
+def test_refuses_without_bwrap_unless_opted_out(no_bwrap):
+    with pytest.raises(SandboxUnavailable, match="bwrap not found on PATH.*allow_unsandboxed"):
+        python("print(1)")
+    with pytest.warns(RuntimeWarning, match="WITHOUT isolation"):
+        r = run_program([SANDBOX_PYTHON, "-c", "import os; print(os.getcwd())"],
+                        allow_unsandboxed=True)
+    assert not r.sandboxed and r.stdout.startswith(b"/tmp/oapl-run-")
+    assert not os.path.exists(r.stdout.decode().strip())  # its directory is removed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        r = run_program([SANDBOX_PYTHON, "-c", "while True: pass"], b"",
+                        Limits(timeout_s=1), allow_unsandboxed=True)
+    assert r.timed_out and not r.sandboxed
