@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import json
 import math
 import os
@@ -23,29 +24,38 @@ import torch
 
 from oapl_kernels import linear_logprobs, oapl_loss
 
+from . import naive
+
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GROUP_SIZE, BETA1, BETA2 = 4, 1.0, 0.05
+GROUP_SIZE, BETA1, BETA2 = 4, 1.0, 0.05  # groups of GROUP_SIZE rows, fewer when B is smaller
 OPS = ("logprobs_fwd", "logprobs_fwdbwd", "oapl_fwdbwd")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark shape: N = batch * seq tokens of hidden size D over a vocabulary V."""
+    """One benchmark shape: N = batch * seq tokens of hidden size D over a vocabulary V; in the
+    loss cases each row's first ``prompt`` tokens are off the mask (None: seq // 4)."""
 
     batch: int
     seq: int
     d: int
     v: int
     dtype: str = "fp32"
+    prompt: int | None = None
 
     @property
     def n(self) -> int:
         return self.batch * self.seq
 
     @property
+    def prompt_len(self) -> int:
+        return self.seq // 4 if self.prompt is None else self.prompt
+
+    @property
     def id(self) -> str:
-        return f"N{self.n}-D{self.d}-V{self.v}-{self.dtype}"
+        base = f"N{self.n}-D{self.d}-V{self.v}-{self.dtype}"
+        return base if self.prompt is None else f"B{self.batch}xT{self.seq}-P{self.prompt}-D{self.d}-V{self.v}-{self.dtype}"
 
 
 # Tiny shapes: V not a multiple of any chunk or block, groups of GROUP_SIZE rows.
@@ -99,7 +109,7 @@ def make_inputs(shape: Shape, dev: torch.device, seed: int = 0) -> dict:
     weight = (torch.randn(shape.v, shape.d, generator=g) / math.sqrt(shape.d)).to(dev, dt)
     targets = torch.randint(0, shape.v, (b, t), generator=g).to(dev)
     mask = torch.ones(b, t, dtype=torch.bool)
-    mask[:, : t // 4] = False  # a prompt prefix outside the completion
+    mask[:, : shape.prompt_len] = False  # a prompt prefix outside the completion
     return {
         "hidden": hidden, "weight": weight, "targets": targets,
         "grad": torch.randn(b, t, generator=g).to(dev),  # upstream gradient of the log-probs
@@ -109,28 +119,21 @@ def make_inputs(shape: Shape, dev: torch.device, seed: int = 0) -> dict:
     }
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Materialized logits h @ w.T, upcast to fp32 when the inputs are 16-bit (fp64 stays fp64)."""
-    z = h @ w.T
-    return z.to(torch.promote_types(z.dtype, torch.float32))
+def group_size(batch: int) -> int:
+    """Completions per prompt in the loss cases: GROUP_SIZE, or a divisor of a smaller batch."""
+    return math.gcd(GROUP_SIZE, batch)
 
 
 def naive_logprobs(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The baseline: materialized logits, fp32 log_softmax, gather."""
-    return torch.log_softmax(_logits(h, w), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return naive.logprobs(h, w, y)
 
 
 def naive_oapl(h, w, y, inference_logprobs, rewards, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """OAPL loss with materialized logits; also the mean entropy, as ``oapl_loss`` reports it."""
-    logp_all = torch.log_softmax(_logits(h, w), dim=-1)
-    logp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask
-    with torch.no_grad():
-        entropy_mean = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
-    r = rewards.view(-1, GROUP_SIZE)
-    values = BETA1 * (torch.logsumexp(r / BETA1, dim=1) - math.log(GROUP_SIZE))
-    adv = rewards - values.repeat_interleave(GROUP_SIZE)
-    res = BETA2 * (logp.sum(1) - (inference_logprobs * mask).sum(1)) - adv
-    return res.square().mean(), entropy_mean
+    out = naive.oapl(h, w, y, inference_logprobs, rewards, mask, group_size=group_size(len(rewards)),
+                     beta1=BETA1, beta2=BETA2)
+    return out["loss"], out["entropy_mean"]
 
 
 _COMPILED: dict = {}
@@ -160,7 +163,7 @@ def _loss_fn(impl: str):
         kernel, fused = impl.removesuffix("-unfused"), not impl.endswith("-unfused")
 
         def ours(h, w, y, ref, r, m):
-            out = oapl_loss(h, w, y, ref, r, m, group_size=GROUP_SIZE, beta1=BETA1, beta2=BETA2,
+            out = oapl_loss(h, w, y, ref, r, m, group_size=group_size(len(r)), beta1=BETA1, beta2=BETA2,
                             impl=kernel, fused=fused)
             return out.loss, out.entropy_mean
         return ours
@@ -279,6 +282,31 @@ def _reset_peak_rss() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _proc_status_kb("VmRSS") * 1024
+
+
+def peak_allocated(fn) -> tuple[object, int]:
+    """Run ``fn()``; return its result and the peak bytes that torch's allocator held during the
+    call above what it held before (tensors alive at the end, the result's included, count).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocation and free events that
+    ``torch.profiler`` records with ``profile_memory=True``, summed in time order. In-process
+    and exact to the byte, but blind to memory not allocated through torch (the Triton
+    interpreter's numpy arrays, Python objects); :func:`measure` sees the whole process.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return out, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def measure(op: str, impl: str, shape: Shape, *, repeat: int = 1, warmup: int = 1) -> dict:
