@@ -126,17 +126,20 @@ class FusedChunk:
         return 8 * vocab + 8 * dim
 
     def stats(self, hidden: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool):
-        """lse, target logit, mean logit (None unless ``with_entropy``), fp32 [C], of the C rows
-        hidden [C, D] (C <= rows) with targets [C] int64 in [0, V); keeps their softmax for
-        :meth:`grads`."""
+        """lse, target logit, mean logit, fp32 [C], of the C rows hidden [C, D] (C <= rows) with
+        targets [C] int64 in [0, V). With ``with_entropy`` the softmax is kept for :meth:`grads`;
+        without, only lse and the target logit are computed (mean is None, no :meth:`grads`)."""
         c, vocab = hidden.shape[0], self.weight.shape[0]
         z = _tile(self.z_buf, c, vocab)
         torch.mm(hidden.float(), self.weight.T, out=z).mul_(inv_temp)
         top = z.amax(dim=1)
+        zy = z.gather(1, targets[:, None])[:, 0]
+        if not with_entropy:
+            self.probs = None
+            return top + torch.log(z.sub_(top[:, None]).exp_().sum(dim=1)), zy, None
         p = torch.sub(z, top[:, None], out=_tile(self.p_buf, c, vocab)).exp_()
         total = p.sum(dim=1)
-        zy = z.gather(1, targets[:, None])[:, 0]
-        mean = z.mul_(p).sum(dim=1) / total if with_entropy else None
+        mean = z.mul_(p).sum(dim=1) / total
         self.probs = p.div_(total[:, None])
         return top + torch.log(total), zy, mean
 

@@ -7,6 +7,7 @@ import torch
 from benchmarks import naive
 from benchmarks.naive import float64_leaves as leaves, rel_err
 from oapl_kernels import OAPLLoss, grpo_loss, oapl_loss, optimal_values
+from oapl_kernels.objective import OAPLObjective
 
 
 def _batch(b, t, d, vocab, seed, dtype=torch.float32):
@@ -73,8 +74,8 @@ def test_oapl_loss_bf16_float_mask_and_given_values(impl):
 
 
 def test_fused_in_many_chunks(impl, monkeypatch):
-    """A workspace of ~3 rows: chunks of one or two sequences, and sequences longer than the
-    budget get a chunk of their own; the result is unchanged, and scales with grad_output."""
+    """A workspace of ~3 rows (set by the environment): chunks of one or two sequences, longer
+    sequences split across chunks; the result is unchanged, and scales with grad_output."""
     monkeypatch.setenv("OAPL_WORKSPACE_MB", str(3 * 157 * 8 / 2**20))
     hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 7, 19, 157, seed=8)
     mask[3] = False
@@ -131,6 +132,26 @@ def test_gradient_is_one_coefficient_per_sequence():
     coef = 2 * 0.2 * out.residuals / 4
     expected = coef[:, None].expand(4, 6)[mask]  # kept rows, in order
     assert torch.allclose(captured["g"], expected, atol=1e-7)
+
+
+def test_fused_coefficient_is_the_derivative_of_the_objective():
+    """The fused path's d loss / d S_i (objective.seq_grad) is autograd's derivative of the loss
+    the unfused path differentiates (objective.loss of objective.residuals)."""
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(6, dtype=torch.float64, generator=g).requires_grad_()
+    objective = OAPLObjective(torch.randn(6, dtype=torch.float64, generator=g),
+                              torch.randn(6, dtype=torch.float64, generator=g), 0.3)
+    res = objective.residuals(seq)
+    objective.loss(res).backward()
+    assert torch.allclose(seq.grad, objective.seq_grad(res.detach(), 6), rtol=1e-12, atol=0)
+    assert torch.allclose(objective.log_ratio(res.detach()), seq.detach() - objective.seq_ref)
+
+
+def test_weighting_names_the_mean():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    kw = {"group_size": 2}
+    assert oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, beta1=1.0, beta2=0.1, **kw).weighting == "sequence"
+    assert grpo_loss(hidden, weight, targets, inf_lp, rewards, mask, **kw).weighting == "token"
 
 
 def test_optimal_values_stable_and_limits():

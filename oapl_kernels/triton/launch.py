@@ -63,6 +63,11 @@ def _autotuned(name: str, from_logits: bool):
     return triton.autotune(configs=configs, key=["D"])(_KERNELS[name])
 
 
+def best_configs() -> dict:
+    """The config the autotuner chose per kernel ("fwd", "dz"), as strings (None before a run)."""
+    return {name: str(getattr(_autotuned(name, False), "best_config", None)) for name in _KERNELS}
+
+
 def _launch(name, grid, *args, FROM_LOGITS, **kwargs):
     """Launch a kernel: autotuned over GPU_CONFIGS when compiled, fixed small tiles when interpreted."""
     if interpreting():
