@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import json
 import math
 import os
@@ -21,36 +22,48 @@ from pathlib import Path
 import pytest
 import torch
 
-from oapl_kernels import linear_logprobs, oapl_loss
+from oapl_kernels import linear_logprobs, oapl_loss, tuning
+
+from . import naive
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GROUP_SIZE, BETA1, BETA2 = 4, 1.0, 0.05
+GROUP_SIZE, BETA1, BETA2 = 4, 1.0, 0.05  # groups of GROUP_SIZE rows, fewer when B is smaller
 OPS = ("logprobs_fwd", "logprobs_fwdbwd", "oapl_fwdbwd")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One benchmark shape: N = batch * seq tokens of hidden size D over a vocabulary V."""
+    """One benchmark shape: N = batch * seq tokens of hidden size D over a vocabulary V; in the
+    loss cases each row's first ``prompt`` tokens are off the mask (None: seq // 4)."""
 
     batch: int
     seq: int
     d: int
     v: int
     dtype: str = "fp32"
+    prompt: int | None = None
 
     @property
     def n(self) -> int:
         return self.batch * self.seq
 
     @property
+    def prompt_len(self) -> int:
+        return self.seq // 4 if self.prompt is None else self.prompt
+
+    @property
     def id(self) -> str:
-        return f"N{self.n}-D{self.d}-V{self.v}-{self.dtype}"
+        base = f"N{self.n}-D{self.d}-V{self.v}-{self.dtype}"
+        return base if self.prompt is None else f"B{self.batch}xT{self.seq}-P{self.prompt}-D{self.d}-V{self.v}-{self.dtype}"
 
 
 # Tiny shapes: V not a multiple of any chunk or block, groups of GROUP_SIZE rows.
 FAST_SHAPES = [Shape(8, 8, 32, 1000)]
 CPU_SHAPES = [Shape(4, 512, 128, 32000), Shape(8, 512, 64, 65536)]
+# Long completions (the loss suite only): one sequence of 8,192 tokens, all on the mask, and the
+# same tokens as 64 sequences of 128.
+CPU_LONG_SHAPES = [Shape(1, 8192, 64, 32768, prompt=0), Shape(64, 128, 64, 32768, prompt=0)]
 CUDA_SHAPES = [Shape(8, 1024, 4096, 32000, "bf16"), Shape(8, 1024, 4096, 151936, "bf16"),
                Shape(32, 1024, 4096, 151936, "bf16")]
 
@@ -85,6 +98,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     dev = device()
     shapes = FAST_SHAPES if fast_mode(metafunc.config) else (CUDA_SHAPES if dev.type == "cuda" else CPU_SHAPES)
+    if metafunc.function.__name__ == "test_oapl_fwdbwd" and dev.type == "cpu" and not fast_mode(metafunc.config):
+        shapes = shapes + CPU_LONG_SHAPES
     metafunc.parametrize("shape", shapes, ids=[s.id for s in shapes])
     if "impl" in metafunc.fixturenames:
         metafunc.parametrize("impl", impls(metafunc.function.__name__.removeprefix("test_"), dev))
@@ -99,7 +114,7 @@ def make_inputs(shape: Shape, dev: torch.device, seed: int = 0) -> dict:
     weight = (torch.randn(shape.v, shape.d, generator=g) / math.sqrt(shape.d)).to(dev, dt)
     targets = torch.randint(0, shape.v, (b, t), generator=g).to(dev)
     mask = torch.ones(b, t, dtype=torch.bool)
-    mask[:, : t // 4] = False  # a prompt prefix outside the completion
+    mask[:, : shape.prompt_len] = False  # a prompt prefix outside the completion
     return {
         "hidden": hidden, "weight": weight, "targets": targets,
         "grad": torch.randn(b, t, generator=g).to(dev),  # upstream gradient of the log-probs
@@ -109,28 +124,21 @@ def make_inputs(shape: Shape, dev: torch.device, seed: int = 0) -> dict:
     }
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Materialized logits h @ w.T, upcast to fp32 when the inputs are 16-bit (fp64 stays fp64)."""
-    z = h @ w.T
-    return z.to(torch.promote_types(z.dtype, torch.float32))
+def group_size(batch: int) -> int:
+    """Completions per prompt in the loss cases: GROUP_SIZE, or a divisor of a smaller batch."""
+    return math.gcd(GROUP_SIZE, batch)
 
 
 def naive_logprobs(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The baseline: materialized logits, fp32 log_softmax, gather."""
-    return torch.log_softmax(_logits(h, w), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return naive.logprobs(h, w, y)
 
 
 def naive_oapl(h, w, y, inference_logprobs, rewards, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """OAPL loss with materialized logits; also the mean entropy, as ``oapl_loss`` reports it."""
-    logp_all = torch.log_softmax(_logits(h, w), dim=-1)
-    logp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask
-    with torch.no_grad():
-        entropy_mean = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
-    r = rewards.view(-1, GROUP_SIZE)
-    values = BETA1 * (torch.logsumexp(r / BETA1, dim=1) - math.log(GROUP_SIZE))
-    adv = rewards - values.repeat_interleave(GROUP_SIZE)
-    res = BETA2 * (logp.sum(1) - (inference_logprobs * mask).sum(1)) - adv
-    return res.square().mean(), entropy_mean
+    out = naive.oapl(h, w, y, inference_logprobs, rewards, mask, group_size=group_size(len(rewards)),
+                     beta1=BETA1, beta2=BETA2)
+    return out["loss"], out["entropy_mean"]
 
 
 _COMPILED: dict = {}
@@ -160,7 +168,7 @@ def _loss_fn(impl: str):
         kernel, fused = impl.removesuffix("-unfused"), not impl.endswith("-unfused")
 
         def ours(h, w, y, ref, r, m):
-            out = oapl_loss(h, w, y, ref, r, m, group_size=GROUP_SIZE, beta1=BETA1, beta2=BETA2,
+            out = oapl_loss(h, w, y, ref, r, m, group_size=group_size(len(r)), beta1=BETA1, beta2=BETA2,
                             impl=kernel, fused=fused)
             return out.loss, out.entropy_mean
         return ours
@@ -281,6 +289,31 @@ def _reset_peak_rss() -> int:
     return _proc_status_kb("VmRSS") * 1024
 
 
+def peak_allocated(fn) -> tuple[object, int]:
+    """Run ``fn()``; return its result and the peak bytes that torch's allocator held during the
+    call above what it held before (tensors alive at the end, the result's included, count).
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the allocation and free events that
+    ``torch.profiler`` records with ``profile_memory=True``, summed in time order. In-process
+    and exact to the byte, but blind to memory not allocated through torch (the Triton
+    interpreter's numpy arrays, Python objects); :func:`measure` sees the whole process.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return out, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+
+
 def measure(op: str, impl: str, shape: Shape, *, repeat: int = 1, warmup: int = 1) -> dict:
     """Run one case in this process: peak extra memory of one call and the best of ``repeat`` times.
 
@@ -345,3 +378,114 @@ def bench_case(benchmark, request, op: str, impl: str, shape: Shape) -> None:
     if not fast_mode(request.config):
         del inputs, run
         benchmark.extra_info["peak_bytes"] = peak_memory(op, impl, shape)
+
+
+# ---- CUDA: inputs, timing and the correctness checks of the compiled kernels ---------------
+# Shared by benchmarks/gpu_suite.py (the one-call GPU suite) and tests/test_cuda.py (pytest -m cuda).
+
+
+def cuda_inputs(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, scale: float = 1.0):
+    """hidden [n, d] (N(0, scale^2)), weight [v, d] (N(0, 1/d)) and targets [n] on CUDA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(n, d, device="cuda", dtype=dtype, generator=g) * scale
+    w = torch.randn(v, d, device="cuda", dtype=dtype, generator=g) * (1.0 / d ** 0.5)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    return h, w, y
+
+
+def with_logits_mode(mode: str, fn):
+    """fn run with OAPL_LOGITS=mode ('gemm': cuBLAS logits into the workspace; 'tile': in-kernel)."""
+    def run(*args, **kwargs):
+        os.environ["OAPL_LOGITS"] = mode
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.environ.pop("OAPL_LOGITS")
+    return run
+
+
+def time_cuda_ms(fn, reps: int = 5, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _leaf_grads(impl, h, w, y, temperature, g_lp, g_ent, dtype=None):
+    h = (h if dtype is None else h.to(dtype)).detach().requires_grad_()
+    w = (w if dtype is None else w.to(dtype)).detach().requires_grad_()
+    if impl == "float64":
+        lp, ent = naive.logprobs(h, w, y, temperature=temperature, return_entropy=True)
+    else:
+        lp, ent = linear_logprobs(h, w, y, temperature=temperature, return_entropy=True, impl=impl)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    return lp.detach(), ent.detach(), h.grad, w.grad
+
+
+def logprobs_check(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16, temperature: float = 0.8) -> dict:
+    """linear_logprobs through the compiled Triton kernels (in the current OAPL_LOGITS mode) vs
+    float64 with materialized logits when n * v <= 2**26, else vs the torch path (fp32
+    arithmetic on the same inputs): relative errors of logp, entropy, dH, dW and ``ok``."""
+    t0 = time.time()
+    h, w, y = cuda_inputs(n, d, v, dtype, seed=n + v)
+    y[1::7] = -100
+    g = torch.Generator(device="cuda").manual_seed(1)
+    g_lp = torch.randn(n, device="cuda", generator=g)
+    g_ent = torch.randn(n, device="cuda", generator=g) * 0.1
+    ours = _leaf_grads("triton", h, w, y, temperature, g_lp, g_ent)
+    small = n * v <= 2**26
+    ref = _leaf_grads("float64" if small else "torch", h, w, y, temperature, g_lp, g_ent,
+                      torch.float64 if small else None)
+    errs = [naive.rel_err(a, b) for a, b in zip(ours, ref)]
+    # fp32 tiles computed in-kernel go through tl.dot's default TF32 tensor-core precision.
+    tf32 = dtype == torch.float32 and tuning.logits_mode_requested() == "tile"
+    grad_tol = 1e-2 if tf32 else 1e-5 if dtype == torch.float32 else 3e-2
+    lp_tol = 1e-2 if tf32 else 1e-4
+    return {"N": n, "D": d, "V": v, "dtype": str(dtype).removeprefix("torch."),
+            "reference": "float64" if small else "torch path (fp32)",
+            "logp": errs[0], "entropy": errs[1], "dH": errs[2], "dW": errs[3],
+            "ok": errs[0] < lp_tol and errs[1] < max(lp_tol, 1e-3) and errs[2] < grad_tol and errs[3] < grad_tol,
+            "s": round(time.time() - t0, 1)}
+
+
+def loss_check(b: int, t: int, d: int, v: int, group: int = 8, workspace_bytes: int | None = None) -> list[dict]:
+    """oapl_loss through the Triton kernels, fused and unfused, vs float64 with materialized
+    logits (vs the torch path when the float64 logits would pass 4 GiB): relative errors of
+    loss, dH, dW and ``ok`` per row. A small ``workspace_bytes`` splits sequences across chunks."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    h = torch.randn(b, t, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16, generator=g) / d ** 0.5
+    y = torch.randint(0, v, (b, t), device="cuda", generator=g)
+    inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 3
+    rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+    mask = torch.rand(b, t, device="cuda", generator=g) > 0.3
+    kw = {"group_size": group, "beta1": 1.0, "beta2": 0.05, "temperature": 0.9}
+    small = b * t * v * 8 <= 4 * 2**30
+    if small:
+        h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+        loss64 = naive.oapl(h64, w64, y, inf_lp, rewards, mask, **kw)["loss"]
+        loss64.backward()
+        ref = (loss64.detach(), h64.grad, w64.grad)
+    rows = []
+    for impl, fused in (("torch", False), ("triton", True), ("triton", False)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = oapl_loss(hh, ww, y, inf_lp, rewards, mask, impl=impl, fused=fused, workspace_bytes=workspace_bytes, **kw)
+        out.loss.backward()
+        got = (out.loss.detach(), hh.grad, ww.grad)
+        if not small and impl == "torch":
+            ref = got
+            continue
+        errs = [naive.rel_err(a, e) for a, e in zip(got, ref)]
+        rows.append({"B": b, "T": t, "D": d, "V": v, "impl": impl, "fused": fused, "workspace_bytes": workspace_bytes,
+                     "reference": "float64" if small else "torch path (fp32)", "loss": errs[0], "dH": errs[1],
+                     "dW": errs[2], "ok": errs[0] < 1e-3 and errs[1] < 3e-2 and errs[2] < 3e-2})
+    return rows

@@ -126,6 +126,10 @@ class TrainerConfig:
     autocast_dtype: str | None = None  # e.g. bfloat16 on GPUs
     gradient_checkpointing: bool = False
     kernel_impl: str = "auto"  # oapl_kernels impl: auto | triton | torch
+    # Scratch memory of the loss kernels beyond inputs, outputs and gradients (their
+    # workspace_bytes=), whatever the completion lengths; None: the kernels' default per device.
+    # The environment variable OAPL_WORKSPACE_MB overrides it.
+    workspace_mb: int | None = None
     num_threads: int | None = None  # torch CPU threads (None: leave as is)
     # Under torchrun (FSDP2): ranks that shard one copy of the weights. None: all ranks (FSDP);
     # fewer (e.g. the GPUs of one node): HSDP, sharded within groups, replicated across them.
@@ -173,6 +177,7 @@ class Config:
             ("generation.n", g.n),
             ("generation.max_tokens", g.max_tokens),
             ("data.prompts_per_step", d.prompts_per_step),
+            ("trainer.workspace_mb", 1 if t.workspace_mb is None else t.workspace_mb),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
             ("algorithm.sync_every", a.sync_every),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, tuning
 
 IMPLS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -24,6 +24,16 @@ def resolve_impl(impl: str, device: torch.device) -> str:
                 "before importing oapl_kernels, or use impl='torch'"
             )
     return impl
+
+
+def backend(impl: str):
+    """The module implementing a resolved impl: :mod:`oapl_kernels.triton` for "triton",
+    :mod:`oapl_kernels.reference` for "torch". Both offer forward_stats, backward, FusedChunk."""
+    if impl == "triton":
+        from . import triton
+
+        return triton
+    return reference
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -60,15 +70,10 @@ class _LinearLogprobs(torch.autograd.Function):
     """logp [N] (and entropy [N]) of rows that all have a target; grads to hidden and weight."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, impl):
-        if impl == "triton":
-            from . import triton as tk
-
-            lse, zy, mean = tk.forward_stats(hidden, weight, targets, inv_temp, with_entropy)
-        else:
-            lse, zy, mean = reference.forward_stats(hidden, weight, targets, inv_temp)
+    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, impl, workspace):
+        lse, zy, mean = backend(impl).forward_stats(hidden, weight, targets, inv_temp, with_entropy, workspace)
         ctx.save_for_backward(hidden, weight, targets, lse, mean if with_entropy else lse)
-        ctx.inv_temp, ctx.with_entropy, ctx.impl = inv_temp, with_entropy, impl
+        ctx.inv_temp, ctx.with_entropy, ctx.impl, ctx.workspace = inv_temp, with_entropy, impl, workspace
         logp = zy - lse
         entropy = lse - mean if with_entropy else None
         return logp, entropy
@@ -76,7 +81,6 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, mean = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_logp = grad_logp.float().contiguous()
@@ -84,22 +88,15 @@ class _LinearLogprobs(torch.autograd.Function):
             grad_entropy = grad_entropy.float().contiguous()
         else:
             grad_entropy = None
-        if ctx.impl == "triton":
-            from . import triton as tk
-
-            dh, dw = tk.backward(hidden, weight, targets, ctx.inv_temp, lse, mean, grad_logp,
-                                 grad_entropy, need_h, need_w)
-        else:
-            dh, dw = reference.backward(hidden, weight, targets, ctx.inv_temp, lse, mean, grad_logp,
-                                        grad_entropy, need_h, need_w)
-            dh = dh.to(hidden.dtype) if dh is not None else None
-            dw = dw.to(weight.dtype) if dw is not None else None
-        return dh, dw, None, None, None, None
+        dh, dw = backend(ctx.impl).backward(hidden, weight, targets, ctx.inv_temp, lse, mean, grad_logp,
+                                            grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                            ctx.workspace)
+        return dh, dw, None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     temperature: float = 1.0, ignore_index: int = -100,
-                    return_entropy: bool = False, impl: str = "auto"):
+                    return_entropy: bool = False, impl: str = "auto", workspace_bytes: int | None = None):
     """Log-probs of ``targets`` under softmax(hidden @ weight.T / temperature), never forming the logits.
 
     Args:
@@ -111,6 +108,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return_entropy: also return the entropy of each token's distribution, differentiable.
         impl: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "torch" or "triton"
             ("triton" on the CPU needs TRITON_INTERPRET=1).
+        workspace_bytes: memory the op may use beyond its inputs, outputs, gradients and O(N)
+            per-token statistics (int bytes; None: 2 GiB on CUDA, 64 MiB elsewhere). The env
+            variable OAPL_WORKSPACE_MB overrides it (see :mod:`oapl_kernels.tuning`).
 
     Returns:
         logp [...] float32, or (logp, entropy) both [...] float32 when ``return_entropy``.
@@ -132,7 +132,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if h.stride(-1) != 1 or h.stride(0) != h.shape[1]:
         h = h.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    logp, entropy = _LinearLogprobs.apply(h, w, y, 1.0 / float(temperature), return_entropy, impl)
+    workspace = tuning.workspace_bytes(hidden.device, workspace_bytes)
+    logp, entropy = _LinearLogprobs.apply(h, w, y, 1.0 / float(temperature), return_entropy, impl, workspace)
     if compact:
         logp = logp.new_zeros(keep.shape).index_put((rows,), logp)
         if return_entropy:

@@ -1,22 +1,18 @@
-"""OAPL's loss (and the GRPO baseline) on top of the fused log-prob op.
-
-OAPL, per prompt x with a group of G completions y_i, rewards r_i and sampler log-probs:
-    V*(x) = beta1 * log(mean_i exp(r_i / beta1))          (optimal value, a log-mean-exp)
-    A_i   = r_i - V*(x)                                    (optimal advantage)
-    res_i = beta2 * (log pi_theta(y_i|x) - log pi_vllm(y_i|x)) - A_i
-    loss  = mean_i res_i^2
-where each log pi is a sum over the completion's tokens (mask). The gradient reaches the
-log-prob kernels as one coefficient per sequence, g_t = mask_t * 2 * beta2 * res_i / B.
+"""optimal_values, oapl_loss and grpo_loss: input checks, V* and A from the rewards, and the
+dispatch between the fused path (:mod:`oapl_kernels.fused`) and the unfused one (token
+log-probs from :func:`linear_logprobs`, then autograd). The objectives themselves are in
+:mod:`oapl_kernels.objective`, shared by both paths.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from . import tuning
 from .fused import FusedOAPL
-from .logprobs import check_inputs, linear_logprobs, resolve_impl
+from .logprobs import backend, check_inputs, linear_logprobs, resolve_impl
+from .objective import SEQUENCE, TOKEN, OAPLObjective, grpo_token_terms
 
 _IGNORE = -100
 
@@ -33,8 +29,10 @@ class LossOutput:
     seq_logratio_mean: scalar, mean over sequences of sum_t mask (logp - inference_logprobs).
     entropy_mean: scalar, mean token entropy over the mask.
     clip_frac: scalar, share of masked tokens whose ratio was clipped (GRPO; None for OAPL).
-    weighting: "sequence" (the loss is a mean over sequences: weight a micro-batch's loss by
-    its share of the batch's sequences) or "token" (a mean over completion tokens).
+    weighting: how a trainer weights the micro-batches of one optimizer step so that their
+        sum equals the full-batch loss: "sequence" (the loss is a mean over sequences, OAPL:
+        weight by the micro-batch's share of the batch's sequences) or "token" (a mean over
+        completion tokens, GRPO: weight by its share of the masked tokens).
     """
 
     loss: torch.Tensor
@@ -45,7 +43,7 @@ class LossOutput:
     seq_logratio_mean: torch.Tensor
     entropy_mean: torch.Tensor
     clip_frac: torch.Tensor | None = None
-    weighting: str = "sequence"
+    weighting: str = SEQUENCE
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
@@ -108,12 +106,12 @@ def _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
     _groups(rewards, group_size)
 
 
-def _token_logprobs(hidden, weight, targets, mask, temperature, impl):
+def _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes):
     """Masked token log-probs and entropies [B, T] (0 off the mask) and the bool mask."""
     m = mask.bool() if mask.dtype != torch.bool else mask
     tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
     logp, ent = linear_logprobs(hidden, weight, tgt, temperature=temperature, ignore_index=_IGNORE,
-                                return_entropy=True, impl=impl)
+                                return_entropy=True, impl=impl, workspace_bytes=workspace_bytes)
     return logp, ent, m
 
 
@@ -125,26 +123,28 @@ def _masked_ref(inference_logprobs: torch.Tensor, m: torch.Tensor, name: str = "
     return ref
 
 
-def _fused_oapl(hidden, weight, targets, m, seq_ref, adv, beta2, temperature, impl):
+def _fused_oapl(hidden, weight, targets, m, objective, temperature, impl, workspace_bytes):
     """(loss, logp [B, T], entropy [B, T], residuals [B]) through :class:`FusedOAPL`."""
     tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
     check_inputs(hidden, weight, tgt, temperature, _IGNORE)
-    impl = resolve_impl(impl, hidden.device)
-    rows = m.reshape(-1).nonzero().squeeze(1)
-    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    chunk_type = backend(resolve_impl(impl, hidden.device)).FusedChunk
+    rows_kept = m.reshape(-1).nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1])[rows_kept]
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    lengths = m.sum(dim=1).tolist()
-    loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows], lengths, seq_ref, adv,
-                                               float(beta2), 1.0 / float(temperature), impl)
-    logp = logp_k.new_zeros(m.numel()).index_put_((rows,), logp_k).view(m.shape)
-    ent = ent_k.new_zeros(m.numel()).index_put_((rows,), ent_k).view(m.shape)
+    rows = tuning.chunk_rows(tuning.workspace_bytes(hidden.device, workspace_bytes),
+                             chunk_type.bytes_per_row(w.shape[0], w.shape[1], w.dtype))
+    loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows_kept], m.sum(dim=1).tolist(),
+                                               objective, 1.0 / float(temperature), chunk_type, rows)
+    logp = logp_k.new_zeros(m.numel()).index_put_((rows_kept,), logp_k).view(m.shape)
+    ent = ent_k.new_zeros(m.numel()).index_put_((rows_kept,), ent_k).view(m.shape)
     return loss, logp, ent, res
 
 
 def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, beta1: float, beta2: float, temperature: float = 1.0,
-              values: torch.Tensor | None = None, impl: str = "auto", fused: bool = True) -> LossOutput:
+              values: torch.Tensor | None = None, impl: str = "auto", fused: bool = True,
+              workspace_bytes: int | None = None) -> LossOutput:
     """OAPL loss mean_i (beta2 * (log pi_theta(y_i) - log pi_vllm(y_i)) - A_i)^2, fused.
 
     Args:
@@ -162,9 +162,13 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         temperature: sampling temperature (logits are divided by it).
         values: optional precomputed V*, [B // group_size] or [B] (offline data).
         impl: "auto", "torch" or "triton" (see :func:`linear_logprobs`).
-        fused: when a gradient is needed, finish it inside the forward, whole sequences at a
-            time (3 GEMM-equivalents instead of 4; see :mod:`oapl_kernels.fused`); the backward
-            then only scales the stored dH and dW. False: forward, then a recomputing backward.
+        fused: when a gradient is needed, finish it inside the forward (3 GEMM-equivalents
+            instead of 4, 4 on the rows of completions longer than a chunk; see
+            :mod:`oapl_kernels.fused`); the backward then only scales the stored dH and dW.
+            False: forward, then a recomputing backward.
+        workspace_bytes: memory the op may use beyond its inputs, outputs, gradients and O(N)
+            per-token statistics, whatever the completion lengths (int bytes; None: 2 GiB on
+            CUDA, 64 MiB elsewhere; OAPL_WORKSPACE_MB overrides it, see :mod:`oapl_kernels.tuning`).
 
     Returns:
         :class:`LossOutput`; ``loss`` differentiable w.r.t. hidden and weight.
@@ -186,20 +190,20 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             v = v.repeat_interleave(group_size)
         elif v.numel() != r.numel():
             raise ValueError(f"values must be [B // group_size] or [B], got shape {tuple(values.shape)}")
-    adv = r - v
+    objective = OAPLObjective(seq_ref, r - v, float(beta2))
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if fused and needs_grad:
-        loss, logp, ent, res = _fused_oapl(hidden, weight, targets, m, seq_ref, adv, beta2, temperature, impl)
-        logratio = (res + adv) / beta2
+        loss, logp, ent, res = _fused_oapl(hidden, weight, targets, m, objective, temperature, impl,
+                                           workspace_bytes)
     else:
-        logp, ent, m = _token_logprobs(hidden, weight, targets, m, temperature, impl)
-        logratio = logp.sum(dim=1) - seq_ref
-        res = beta2 * logratio - adv
-        loss = res.square().mean()
+        logp, ent, m = _token_logprobs(hidden, weight, targets, m, temperature, impl, workspace_bytes)
+        res = objective.residuals(logp.sum(dim=1))
+        loss = objective.loss(res)
     n_tok = m.sum().clamp(min=1)
     return LossOutput(
-        loss=loss, logprobs=logp.detach(), advantages=adv, values=v, residuals=res.detach(),
-        seq_logratio_mean=logratio.detach().mean(), entropy_mean=(ent.detach() * m).sum() / n_tok,
+        loss=loss, logprobs=logp.detach(), advantages=objective.advantages, values=v, residuals=res.detach(),
+        seq_logratio_mean=objective.log_ratio(res.detach()).mean(), entropy_mean=(ent.detach() * m).sum() / n_tok,
+        weighting=objective.weighting,
     )
 
 
@@ -207,7 +211,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, clip_eps: float = 0.2, temperature: float = 1.0,
               old_logprobs: torch.Tensor | str | None = None, tis_cap: float | None = None,
-              scale_rewards: bool = True, impl: str = "auto") -> LossOutput:
+              scale_rewards: bool = True, impl: str = "auto", workspace_bytes: int | None = None) -> LossOutput:
     """GRPO baseline: group-normalized advantages, token-level clipped ratio, optional truncated IS.
 
     The ratio is pi_theta / pi_old per token, where pi_old is
@@ -222,15 +226,16 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     min(pi_old / pi_vllm, tis_cap) (truncated importance sampling). The loss is the mean over
     all masked tokens of -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
 
-    Shapes and dtypes as in :func:`oapl_loss`; A_i = (r_i - mean_g r) / (std_g r + 1e-6)
-    (``scale_rewards=False`` keeps r_i - mean_g r).
+    Shapes and dtypes (and ``impl``, ``workspace_bytes``) as in :func:`oapl_loss`;
+    A_i = (r_i - mean_g r) / (std_g r + 1e-6) (``scale_rewards=False`` keeps r_i - mean_g r).
+    The per-token terms are :func:`oapl_kernels.objective.grpo_token_terms`.
     """
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if tis_cap is not None and not tis_cap > 0:
         raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
     _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
-    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl)
+    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes)
     r = _groups(rewards, group_size)
     mean = r.mean(dim=1, keepdim=True)
     adv = r - mean
@@ -244,19 +249,14 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         old = logp.detach()
     else:
         old = ref if old_logprobs is None else _masked_ref(old_logprobs, m, "old_logprobs")
-    ratio = torch.exp(logp - old)
-    a = adv[:, None]
-    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
-    if tis_cap is not None:
-        surrogate = surrogate * torch.exp(old - ref).clamp(max=tis_cap)
+    surrogate, clipped = grpo_token_terms(logp, old, ref, adv, clip_eps, tis_cap)
     n_tok = m.sum().clamp(min=1)
     loss = -(surrogate * m).sum() / n_tok
-    clipped = ((ratio.detach() - 1).abs() > clip_eps) & m
     return LossOutput(
         loss=loss, logprobs=logp.detach(), advantages=adv, values=mean, residuals=None,
         seq_logratio_mean=(logp.detach() - ref).sum(dim=1).mean(),
-        entropy_mean=(ent.detach() * m).sum() / n_tok, clip_frac=clipped.sum() / n_tok,
-        weighting="token",
+        entropy_mean=(ent.detach() * m).sum() / n_tok, clip_frac=(clipped & m).sum() / n_tok,
+        weighting=TOKEN,
     )
 
 
@@ -268,17 +268,18 @@ class OAPLLoss(torch.nn.Module):
     """
 
     def __init__(self, *, beta1: float, beta2: float, group_size: int, temperature: float = 1.0,
-                 impl: str = "auto"):
+                 impl: str = "auto", workspace_bytes: int | None = None):
         super().__init__()
         if not beta1 > 0 or not beta2 > 0:
             raise ValueError(f"beta1 and beta2 must be > 0, got {beta1}, {beta2}")
         self.beta1, self.beta2, self.group_size = beta1, beta2, group_size
-        self.temperature, self.impl = temperature, impl
+        self.temperature, self.impl, self.workspace_bytes = temperature, impl, workspace_bytes
 
     def forward(self, hidden, weight, targets, inference_logprobs, rewards, mask, values=None):
         return oapl_loss(hidden, weight, targets, inference_logprobs, rewards, mask,
                          group_size=self.group_size, beta1=self.beta1, beta2=self.beta2,
-                         temperature=self.temperature, values=values, impl=self.impl)
+                         temperature=self.temperature, values=values, impl=self.impl,
+                         workspace_bytes=self.workspace_bytes)
 
     def extra_repr(self) -> str:
         return f"beta1={self.beta1}, beta2={self.beta2}, group_size={self.group_size}, temperature={self.temperature}"

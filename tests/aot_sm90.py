@@ -12,7 +12,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from oapl_kernels.triton.kernels import dlogits_kernel, fwd_stats_kernel
-from oapl_kernels.triton.launch import GPU_CONFIGS, GROUP_N, interpreting
+from oapl_kernels.triton.launch import interpreting
+from oapl_kernels.tuning import GPU_CONFIGS, GROUP_N
 
 # Argument types; pointers and these ints are 16-divisible at run time on real shapes, which is
 # what the JIT specializes on (and what lets loads become async copies).

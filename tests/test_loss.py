@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+from benchmarks import naive
+from benchmarks.naive import float64_leaves as leaves, rel_err
 from oapl_kernels import OAPLLoss, grpo_loss, oapl_loss, optimal_values
-from reference64 import leaves, logprobs64, rel_err
-
+from oapl_kernels.objective import OAPLObjective
 
 
 def _batch(b, t, d, vocab, seed, dtype=torch.float32):
@@ -23,15 +24,13 @@ def _batch(b, t, d, vocab, seed, dtype=torch.float32):
 
 
 def _oapl64(h, w, targets, inf_lp, rewards, mask, group, beta1, beta2, temperature, values=None):
-    lp, _ = logprobs64(h, w, torch.where(mask, targets, -100), temperature)
-    seq = lp.sum(1)
-    ref = torch.where(mask, inf_lp.double(), 0.0).sum(1)
-    r = rewards.double().view(-1, group)
-    v = beta1 * (torch.logsumexp(r / beta1, 1) - math.log(group)) if values is None else values.double()
-    v = v.repeat_interleave(group)
-    adv = rewards.double() - v
-    res = beta2 * (seq - ref) - adv
-    return res.square().mean(), v, adv, res
+    out = naive.oapl(h.double(), w.double(), targets, inf_lp, rewards, mask, group_size=group, beta1=beta1,
+                     beta2=beta2, temperature=temperature, values=values)
+    return out["loss"], out["values"], out["advantages"], out["residuals"]
+
+
+def _logprobs64(h, w, targets, temperature=1.0):
+    return naive.logprobs(h.double(), w.double(), targets, temperature=temperature, return_entropy=True)
 
 
 @pytest.mark.parametrize("group", [1, 2, 3, 8])
@@ -75,8 +74,8 @@ def test_oapl_loss_bf16_float_mask_and_given_values(impl):
 
 
 def test_fused_in_many_chunks(impl, monkeypatch):
-    """A workspace of ~3 rows: chunks of one or two sequences, and sequences longer than the
-    budget get a chunk of their own; the result is unchanged, and scales with grad_output."""
+    """A workspace of ~3 rows (set by the environment): chunks of one or two sequences, longer
+    sequences split across chunks; the result is unchanged, and scales with grad_output."""
     monkeypatch.setenv("OAPL_WORKSPACE_MB", str(3 * 157 * 8 / 2**20))
     hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 7, 19, 157, seed=8)
     mask[3] = False
@@ -104,7 +103,7 @@ def test_fused_only_when_a_gradient_is_needed():
 def test_metrics():
     hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 5, 8, 40, seed=1)
     out = oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
-    lp, ent = logprobs64(hidden, weight, torch.where(mask, targets, -100))
+    lp, ent = _logprobs64(hidden, weight, torch.where(mask, targets, -100))
     ratio = (lp - torch.where(mask, inf_lp.double(), 0.0)).sum(1).mean()
     assert abs(out.seq_logratio_mean.item() - ratio.item()) < 1e-4
     assert abs(out.entropy_mean.item() - (ent.sum() / mask.sum()).item()) < 1e-4
@@ -133,6 +132,26 @@ def test_gradient_is_one_coefficient_per_sequence():
     coef = 2 * 0.2 * out.residuals / 4
     expected = coef[:, None].expand(4, 6)[mask]  # kept rows, in order
     assert torch.allclose(captured["g"], expected, atol=1e-7)
+
+
+def test_fused_coefficient_is_the_derivative_of_the_objective():
+    """The fused path's d loss / d S_i (objective.seq_grad) is autograd's derivative of the loss
+    the unfused path differentiates (objective.loss of objective.residuals)."""
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randn(6, dtype=torch.float64, generator=g).requires_grad_()
+    objective = OAPLObjective(torch.randn(6, dtype=torch.float64, generator=g),
+                              torch.randn(6, dtype=torch.float64, generator=g), 0.3)
+    res = objective.residuals(seq)
+    objective.loss(res).backward()
+    assert torch.allclose(seq.grad, objective.seq_grad(res.detach(), 6), rtol=1e-12, atol=0)
+    assert torch.allclose(objective.log_ratio(res.detach()), seq.detach() - objective.seq_ref)
+
+
+def test_weighting_names_the_mean():
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(4, 3, 8, 20, seed=0)
+    kw = {"group_size": 2}
+    assert oapl_loss(hidden, weight, targets, inf_lp, rewards, mask, beta1=1.0, beta2=0.1, **kw).weighting == "sequence"
+    assert grpo_loss(hidden, weight, targets, inf_lp, rewards, mask, **kw).weighting == "token"
 
 
 def test_optimal_values_stable_and_limits():
@@ -197,26 +216,11 @@ def test_module_form():
     assert "beta2=0.1" in repr(mod)
 
 
-def _grpo64(h, w, targets, inf_lp, old, rewards, mask, group, eps, tis_cap, temperature):
-    lp, _ = logprobs64(h, w, torch.where(mask, targets, -100), temperature)
-    if isinstance(old, str):
-        old = lp.detach()
-    r = rewards.double().view(-1, group)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-6)).reshape(-1, 1)
-    ref = torch.where(mask, inf_lp.double(), 0.0)
-    old = ref if old is None else torch.where(mask, old.double(), 0.0)
-    ratio = torch.exp(lp - old)
-    sur = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
-    if tis_cap is not None:
-        sur = sur * torch.exp(old - ref).clamp(max=tis_cap)
-    return -(sur * mask).sum() / mask.sum()
-
-
 @pytest.mark.parametrize("with_old", [False, True, "detached"])
 def test_grpo_matches_float64(impl, with_old):
     hidden, weight, targets, inf_lp, rewards, mask = _batch(6, 5, 12, 77, seed=21)
     # make the ratio straddle the clip range on some tokens
-    lp, _ = logprobs64(hidden, weight, torch.where(mask, targets, -100), 0.9)
+    lp, _ = _logprobs64(hidden, weight, torch.where(mask, targets, -100), 0.9)
     g = torch.Generator().manual_seed(0)
     inf_lp = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), float("nan"))
     old = torch.where(mask, lp.float() + 0.3 * torch.randn(lp.shape, generator=g), 0.0) if with_old else None
@@ -225,7 +229,8 @@ def test_grpo_matches_float64(impl, with_old):
     out = grpo_loss(h, w, targets, inf_lp, rewards, mask, group_size=3, clip_eps=0.2, temperature=0.9,
                     old_logprobs=old, tis_cap=2.0, impl=impl)
     out.loss.backward()
-    loss64 = _grpo64(h64, w64, targets, inf_lp, old, rewards, mask, 3, 0.2, 2.0, 0.9)
+    loss64 = naive.grpo(h64, w64, targets, inf_lp, rewards, mask, group_size=3, clip_eps=0.2, temperature=0.9,
+                        old_logprobs=old, tis_cap=2.0)
     loss64.backward()
     assert abs(out.loss.item() - loss64.item()) <= 1e-6  # a sum of cancelling terms: absolute
     assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(w.grad, w64.grad) <= 1e-5

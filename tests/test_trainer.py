@@ -119,3 +119,24 @@ def test_recompute_lag_policy_is_a_frozen_copy_of_the_pushed_weights(policy):
     trainer.freeze_lag_policy(version=4)
     with pytest.raises(ValueError, match=r"versions \[2\], but the frozen lag policy holds 4"):
         trainer.lag_logprobs(batch)
+
+
+def test_workspace_config_reaches_the_kernels(tiny_model_dir, monkeypatch):
+    """trainer.workspace_mb is the kernels' workspace_bytes=; a small one gives the same step."""
+    import oapl_kernels.loss as kernel_loss
+
+    seen = []
+    real = kernel_loss.tuning.workspace_bytes
+    monkeypatch.setattr(kernel_loss.tuning, "workspace_bytes",
+                        lambda device, requested=None: seen.append(requested) or real(device, requested))
+    rollouts, rewards = _rollouts()
+    metrics = {}
+    for mb in (None, 1):
+        cfg = Config()
+        cfg.generation.n, cfg.data.prompts_per_step, cfg.trainer.workspace_mb = 4, 4, mb
+        torch.manual_seed(0)
+        pol = Policy.from_pretrained(tiny_model_dir, torch.float32, torch.device("cpu"))
+        metrics[mb] = LocalTrainer(pol, cfg).train_step(collate(rollouts, rewards, pad_id=0))
+    assert 2**20 in seen and None in seen
+    assert metrics[1]["loss"] == pytest.approx(metrics[None]["loss"], rel=1e-6)
+    assert metrics[1]["grad_norm"] == pytest.approx(metrics[None]["grad_norm"], rel=1e-5)

@@ -70,6 +70,9 @@ class LocalTrainer:
             policy.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.autocast_dtype = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
+        # The loss kernels' scratch memory (trainer.workspace_mb; None: their default).
+        self.kernel_args = dict(impl=t.kernel_impl, workspace_bytes=None if t.workspace_mb is None
+                                else t.workspace_mb * 2**20)
         if t.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()
         policy.train()
@@ -129,7 +132,7 @@ class LocalTrainer:
                 logp = linear_logprobs(
                     hidden, self.lag_policy.lm_head_weight.to(hidden.dtype), targets,
                     temperature=self.cfg.generation.temperature, ignore_index=-100,
-                    impl=self.cfg.trainer.kernel_impl,
+                    **self.kernel_args,
                 )
             out[start : start + len(mb), : logp.shape[1]] = logp.to(out.device)
         return out
@@ -147,7 +150,7 @@ class LocalTrainer:
         targets = mb.input_ids[:, 1:]
         lag = mb.lag_logprobs if mb.lag_logprobs is not None else self.lag_logprobs(mb)
         a, g = self.cfg.algorithm, self.cfg.generation
-        common = dict(group_size=g.n, temperature=g.temperature, impl=self.cfg.trainer.kernel_impl)
+        common = dict(group_size=g.n, temperature=g.temperature, **self.kernel_args)
         if a.name == "oapl":
             return oapl_loss(hidden, weight, targets, lag, mb.rewards, mb.loss_mask,
                              beta1=a.beta1, beta2=a.beta2, values=mb.values, **common)

@@ -4,9 +4,11 @@ Two ways to get the logits tiles, chosen by ``logits_mode()``:
 
 * ``"tile"``: the kernels compute every tile with ``tl.dot`` and no logits exist in memory at
   all (zero workspace beyond O(N) statistics).
-* ``"gemm"``: a cuBLAS GEMM writes a bounded chunk of raw fp32 logits into a workspace and the
-  kernels read it (one memory pass each). Faster on GPUs where cuBLAS beats Triton's GEMM,
-  at the price of a workspace of ``workspace_bytes()``.
+* ``"gemm"``: a cuBLAS GEMM writes a bounded chunk of raw fp32 logits into the workspace and
+  the kernels read it (one memory pass each). Faster on GPUs where cuBLAS beats Triton's GEMM.
+
+``FusedChunk`` is this backend's body of the fused loss (:mod:`oapl_kernels.fused`). Block
+configs, split widths and chunk sizes come from :mod:`oapl_kernels.tuning`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import torch
 import triton
 
+from .. import tuning
 from .kernels import dlogits_kernel, fwd_stats_kernel
 
 
@@ -25,10 +28,8 @@ def interpreting() -> bool:
 
 
 def logits_mode(device: torch.device) -> str:
-    """'gemm' or 'tile' (env OAPL_LOGITS; default 'gemm' where torch has fp32-output GEMMs)."""
-    mode = os.environ.get("OAPL_LOGITS", "gemm")
-    if mode not in ("gemm", "tile"):
-        raise ValueError(f"OAPL_LOGITS must be 'gemm' or 'tile', got {mode!r}")
+    """'gemm' or 'tile' (env OAPL_LOGITS, see tuning); 'tile' where torch has no fp32-output GEMM."""
+    mode = tuning.logits_mode_requested()
     if mode == "gemm" and device.type == "cuda" and not _fp32_output_gemm(device):
         return "tile"
     return mode
@@ -44,30 +45,14 @@ def _fp32_output_gemm(device: torch.device) -> bool:
         return False
 
 
-def workspace_bytes() -> int:
-    """Bytes for a chunk of logits and their gradient (env OAPL_WORKSPACE_MB, default 2048)."""
-    return int(float(os.environ.get("OAPL_WORKSPACE_MB", "2048")) * 2**20)
-
-
-# (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages): tiles for Hopper/Ampere tensor cores.
-GPU_CONFIGS = [
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 256, 64, 8, 4),
-    (64, 128, 64, 4, 4),
-]
-# Small tiles for the interpreter: odd shapes still cross several blocks in tests.
-INTERPRETER_CONFIG = (16, 32, 16, 4, 1)
-GROUP_N = 8  # row blocks per program group (L2 reuse, see kernels._grouped)
 _KERNELS = {"fwd": fwd_stats_kernel, "dz": dlogits_kernel}
 
 
 def _configs():
     return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": GROUP_N},
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": tuning.GROUP_N},
                       num_warps=w, num_stages=s)
-        for bn, bv, bd, w, s in GPU_CONFIGS
+        for bn, bv, bd, w, s in tuning.GPU_CONFIGS
     ]
 
 
@@ -78,27 +63,26 @@ def _autotuned(name: str, from_logits: bool):
     return triton.autotune(configs=configs, key=["D"])(_KERNELS[name])
 
 
+def best_configs() -> dict:
+    """The config the autotuner chose per kernel ("fwd", "dz"), as strings (None before a run)."""
+    return {name: str(getattr(_autotuned(name, False), "best_config", None)) for name in _KERNELS}
+
+
 def _launch(name, grid, *args, FROM_LOGITS, **kwargs):
     """Launch a kernel: autotuned over GPU_CONFIGS when compiled, fixed small tiles when interpreted."""
     if interpreting():
-        bn, bv, bd, _, _ = INTERPRETER_CONFIG
-        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": 2}
+        bn, bv, bd, _, _ = tuning.INTERPRETER_CONFIG
+        meta = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd, "GROUP_N": tuning.INTERPRETER_GROUP_N}
         _KERNELS[name][grid(meta)](*args, FROM_LOGITS=FROM_LOGITS, UPCAST=True, **kwargs, **meta)
     else:
         _autotuned(name, FROM_LOGITS)[grid](*args, FROM_LOGITS=FROM_LOGITS, UPCAST=False, **kwargs)
 
 
 def _split_cols(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Vocab columns per forward split, a multiple of every BLOCK_V.
-
-    At most 4096 (GPU) so that programs running together cover few row blocks and many splits
-    (L2 reuse); fewer when there are few rows, so that about 4 programs per SM exist.
-    """
+    """Vocab columns per forward program (see tuning.split_cols)."""
     if interpreting():
-        return 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = triton.cdiv(4 * sms, triton.cdiv(n_rows, 128))
-    return min(4096, max(256, triton.cdiv(triton.cdiv(vocab, splits), 256) * 256))
+        return tuning.INTERPRETER_SPLIT_COLS
+    return tuning.split_cols(n_rows, vocab, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,17 +149,17 @@ def dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean, grad_logp, gr
 
 
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  inv_temp: float, with_entropy: bool):
+                  inv_temp: float, with_entropy: bool, workspace_bytes: int):
     """Triton counterpart of :func:`oapl_kernels.reference.forward_stats`.
 
     hidden [N, D] and weight [V, D] contiguous, same dtype; targets [N] int64 (-1: none).
     Returns fp32 lse [N], target_logit [N], mean_logit [N] (None unless with_entropy).
-    In 'gemm' mode the rows go in chunks whose fp32 logits fit ``workspace_bytes()``.
+    In 'gemm' mode the rows go in chunks whose fp32 logits fit ``workspace_bytes``.
     """
     if logits_mode(hidden.device) == "tile":
         return stats_from(hidden, weight, targets, inv_temp, with_entropy)
     n, vocab = hidden.shape[0], weight.shape[0]
-    rows = max(16, min(n, workspace_bytes() // (4 * vocab)))
+    rows = min(n, tuning.chunk_rows(workspace_bytes, 4 * vocab, tuning.MIN_FORWARD_ROWS))
     z = torch.empty((rows, vocab), dtype=torch.float32, device=hidden.device)
     out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
     for r0 in range(0, n, rows):
@@ -199,20 +183,19 @@ def accumulate_mm(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
 
 
 def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
-             need_hidden: bool = True, need_weight: bool = True):
+             need_hidden: bool, need_weight: bool, workspace_bytes: int):
     """Gradients w.r.t. hidden [N, D] and weight [V, D], in their dtypes (None when not needed).
 
     The vocabulary is walked in chunks of C columns, C chosen so the chunk's buffers fit
-    ``workspace_bytes()``. For each chunk the logits are recomputed (a cuBLAS GEMM into the
+    ``workspace_bytes``. For each chunk the logits are recomputed (a cuBLAS GEMM into the
     workspace in 'gemm' mode, inside the kernel in 'tile' mode), a Triton kernel writes dz
     (input dtype), then dW[chunk] = dz^T H (complete, one GEMM) and dH += dz W[chunk] (fp32).
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
     gemm = logits_mode(hidden.device) == "gemm"
-    per_col = n * (hidden.element_size() + (4 if gemm else 0))
-    chunk = max(256, workspace_bytes() // per_col)
-    chunk = min(vocab, triton.cdiv(chunk, 256) * 256)
+    chunk = tuning.chunk_cols(n, vocab, workspace_bytes, hidden.element_size() + (4 if gemm else 0),
+                              align=tuning.MIN_CHUNK_COLS)
     dz = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
     z = torch.empty(n * chunk, dtype=torch.float32, device=hidden.device) if gemm else None
     d_hidden = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_hidden else None
@@ -231,3 +214,45 @@ def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad
     if need_hidden:
         d_hidden = d_hidden.to(hidden.dtype)
     return d_hidden, d_weight
+
+
+class FusedChunk:
+    """The Triton body of the fused loss (:mod:`oapl_kernels.fused`) over one weight [V, D].
+
+    Buffers for a chunk of rows: its raw fp32 logits [rows, V] (a cuBLAS GEMM writes them) and
+    their gradient dz [rows, V] in the input dtype (a Triton kernel writes it, reading the
+    logits once). ``bytes_per_row`` is what one row costs, for ``tuning.chunk_rows``.
+    """
+
+    def __init__(self, rows: int, weight: torch.Tensor):
+        self.weight = weight
+        vocab = weight.shape[0]
+        self.z_buf = torch.empty(rows * vocab, dtype=torch.float32, device=weight.device)
+        self.dz_buf = torch.empty(rows * vocab, dtype=weight.dtype, device=weight.device)
+        self.logits = self.lse = None
+
+    @staticmethod
+    def bytes_per_row(vocab: int, dim: int, dtype: torch.dtype) -> int:
+        """An fp32 row of logits and a row of dz in the input dtype."""
+        return vocab * (4 + torch.finfo(dtype).bits // 8)
+
+    def stats(self, hidden: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool):
+        """lse, target logit, mean logit (None unless ``with_entropy``), fp32 [C], of the C rows
+        hidden [C, D] (C <= rows) with targets [C] int64; keeps their logits for :meth:`grads`."""
+        c, vocab = hidden.shape[0], self.weight.shape[0]
+        self.logits = logits_into(self.z_buf[: c * vocab].view(c, vocab), hidden, self.weight)
+        lse, zy, mean = stats_from(hidden, self.weight, targets, inv_temp, with_entropy, logits=self.logits)
+        self.lse = lse
+        return lse, zy, mean
+
+    def grads(self, hidden: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
+              d_hidden: torch.Tensor, d_weight: torch.Tensor) -> None:
+        """For the rows of the last :meth:`stats` and fp32 grad_logp [C]: writes dH into
+        d_hidden [C, D] (input dtype) and adds dW into the fp32 accumulator d_weight [V, D]."""
+        c, vocab = hidden.shape[0], self.weight.shape[0]
+        dz = self.dz_buf[: c * vocab].view(c, vocab)
+        dlogits_into(dz, hidden, self.weight, targets, inv_temp, self.lse, None, grad_logp, None, 0, vocab,
+                     logits=self.logits)
+        torch.mm(dz, self.weight, out=d_hidden)
+        accumulate_mm(d_weight, dz.T, hidden)
+        self.logits = self.lse = None
