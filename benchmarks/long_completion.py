@@ -1,5 +1,7 @@
 """Long completions on the CPU: ``oapl_loss`` fwd+bwd, fused vs unfused vs naive, at one sequence
-of 8,192 tokens and at the same 8,192 tokens as 64 sequences of 128.
+of 8,192 tokens and at the same 8,192 tokens as 64 sequences of 128. The fused path runs with
+each way of splitting a sequence across chunks: "torch" (the default plan: here the side
+buffer) and "torch two-pass" (the side buffer forbidden, ``tuning.SIDE_BUFFER_SHARE = 0``).
 
     python -m benchmarks.long_completion [--rounds 3] [--json results/cpu-long.json]
 
@@ -18,17 +20,35 @@ from pathlib import Path
 
 import torch
 
+from oapl_kernels import tuning
+
 from .common import Shape, make_case, make_inputs, peak_allocated
 
 LONG = Shape(1, 8192, 64, 32768, prompt=0)
 SHORT = Shape(64, 128, 64, 32768, prompt=0)
-CASES = [(LONG, "torch"), (LONG, "torch-unfused"), (LONG, "naive"), (SHORT, "torch"), (SHORT, "torch-unfused")]
+TWO_PASS = "torch two-pass"
+CASES = [(LONG, "torch"), (LONG, TWO_PASS), (LONG, "torch-unfused"), (LONG, "naive"), (SHORT, "torch")]
+
+
+def _case(impl: str, inputs: dict):
+    """make_case's callable; for TWO_PASS the fused path with the side buffer forbidden."""
+    if impl != TWO_PASS:
+        return make_case("oapl_fwdbwd", impl, inputs)
+    call = make_case("oapl_fwdbwd", "torch", inputs)
+
+    def two_pass():
+        share, tuning.SIDE_BUFFER_SHARE = tuning.SIDE_BUFFER_SHARE, 0.0
+        try:
+            return call()
+        finally:
+            tuning.SIDE_BUFFER_SHARE = share
+    return two_pass
 
 
 def run(cases, rounds: int) -> list[dict]:
     """Measure each (shape, impl) case: CPU and wall seconds per round, peak bytes."""
     inputs = {shape: make_inputs(shape, torch.device("cpu")) for shape in {s for s, _ in cases}}
-    calls = [make_case("oapl_fwdbwd", impl, inputs[shape]) for shape, impl in cases]
+    calls = [_case(impl, inputs[shape]) for shape, impl in cases]
     rows = [{"shape": shape.id, "impl": impl, "cpu_s": [], "wall_s": []} for shape, impl in cases]
     for call, row in zip(calls, rows):
         call()  # warm-up

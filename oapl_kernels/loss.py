@@ -131,10 +131,12 @@ def _fused_oapl(hidden, weight, targets, m, objective, temperature, impl, worksp
     rows_kept = m.reshape(-1).nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1])[rows_kept]
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    rows = tuning.chunk_rows(tuning.workspace_bytes(hidden.device, workspace_bytes),
-                             chunk_type.bytes_per_row(w.shape[0], w.shape[1], w.dtype))
-    loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows_kept], m.sum(dim=1).tolist(),
-                                               objective, 1.0 / float(temperature), chunk_type, rows)
+    lengths = m.sum(dim=1).tolist()
+    rows, side_buffer = tuning.fused_plan(tuning.workspace_bytes(hidden.device, workspace_bytes),
+                                          chunk_type.bytes_per_row(w.shape[0], w.shape[1], w.dtype),
+                                          w.numel() * 4, max(lengths, default=0))
+    loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows_kept], lengths, objective,
+                                               1.0 / float(temperature), chunk_type, rows, side_buffer)
     logp = logp_k.new_zeros(m.numel()).index_put_((rows_kept,), logp_k).view(m.shape)
     ent = ent_k.new_zeros(m.numel()).index_put_((rows_kept,), ent_k).view(m.shape)
     return loss, logp, ent, res
@@ -163,8 +165,9 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         values: optional precomputed V*, [B // group_size] or [B] (offline data).
         impl: "auto", "torch" or "triton" (see :func:`linear_logprobs`).
         fused: when a gradient is needed, finish it inside the forward (3 GEMM-equivalents
-            instead of 4, 4 on the rows of completions longer than a chunk; see
-            :mod:`oapl_kernels.fused`); the backward then only scales the stored dH and dW.
+            instead of 4; 4 on the rows of completions longer than a chunk when the side buffer
+            does not fit the workspace, see :mod:`oapl_kernels.fused`); the backward then only
+            scales the stored dH and dW.
             False: forward, then a recomputing backward.
         workspace_bytes: memory the op may use beyond its inputs, outputs, gradients and O(N)
             per-token statistics, whatever the completion lengths (int bytes; None: 2 GiB on

@@ -144,14 +144,21 @@ class FusedChunk:
         return top + torch.log(total), zy, mean
 
     def grads(self, hidden: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
-              d_hidden: torch.Tensor, d_weight: torch.Tensor) -> None:
+              d_hidden: torch.Tensor, d_weight: torch.Tensor, side: torch.Tensor | None = None,
+              side_from: int | None = None) -> None:
         """For the rows of the last :meth:`stats` and fp32 grad_logp [C]: writes dH into
-        d_hidden [C, D] (any float dtype) and adds dW into the fp32 accumulator d_weight [V, D]."""
+        d_hidden [C, D] (any float dtype) and adds dW into the fp32 accumulator d_weight [V, D],
+        or, for rows ``side_from:``, into the fp32 side buffer ``side`` [V, D]."""
         dz = self.probs.mul_(-grad_logp[:, None])  # dz = inv_temp * g (1[v=y] - p), in place
         dz[torch.arange(len(targets), device=dz.device), targets] += grad_logp
         dz.mul_(inv_temp)
         d_hidden.copy_(dz @ self.weight)
-        d_weight.addmm_(dz.T, hidden.float())
+        h = hidden.float()
+        k = len(targets) if side_from is None else side_from
+        if k:
+            d_weight.addmm_(dz[:k].T, h[:k])
+        if k < len(targets):
+            side.addmm_(dz[k:].T, h[k:])
         self.probs = None
 
 

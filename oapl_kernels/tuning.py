@@ -44,6 +44,11 @@ SPLIT_ALIGN, MIN_SPLIT_COLS, MAX_SPLIT_COLS, PROGRAMS_PER_SM = 256, 256, 4096, 4
 # Triton path) and smallest row chunk of the Triton forward in 'gemm' mode.
 MIN_CHUNK_COLS = 256
 MIN_FORWARD_ROWS = 16
+# The fused loss keeps the dW of a sequence split across chunks in an fp32 [V, D] side buffer
+# (3 GEMM-equivalents) when that buffer takes at most this share of the workspace; otherwise a
+# first statistics pass over the split sequences finds their sums (4 GEMM-equivalents on their
+# rows). See oapl_kernels.fused and docs/PERF.md for the measured costs.
+SIDE_BUFFER_SHARE = 0.5
 
 
 def workspace_bytes(device: torch.device, requested: int | None = None) -> int:
@@ -76,6 +81,16 @@ def logits_mode_requested() -> str:
 def chunk_rows(budget: int, bytes_per_row: int, minimum: int = 1) -> int:
     """Rows per chunk whose buffers (``bytes_per_row`` each) fit ``budget`` bytes, >= minimum."""
     return max(minimum, budget // max(bytes_per_row, 1))
+
+
+def fused_plan(workspace: int, bytes_per_row: int, side_bytes: int, longest: int) -> tuple[int, bool]:
+    """(rows per chunk, side buffer?) for the fused loss whose longest sequence has ``longest``
+    rows: no side buffer when every sequence fits a chunk of the whole workspace; else one of
+    ``side_bytes`` when it fits SIDE_BUFFER_SHARE of the workspace, the chunks taking the rest."""
+    rows = chunk_rows(workspace, bytes_per_row)
+    if longest <= rows or side_bytes > SIDE_BUFFER_SHARE * workspace:
+        return rows, False
+    return chunk_rows(workspace - side_bytes, bytes_per_row), True
 
 
 def chunk_cols(n_rows: int, vocab: int, budget: int, bytes_per_cell: int, align: int = 1) -> int:

@@ -66,21 +66,32 @@ def _batch(lengths, d, vocab, seed, dtype=torch.float32):
     return hidden, weight, targets, inf_lp, rewards, mask
 
 
-def _workspace(impl, rows, vocab, d, dtype):
-    """A workspace of exactly ``rows`` rows of the fused path's chunk buffers."""
-    return rows * backend(impl).FusedChunk.bytes_per_row(vocab, d, dtype)
+def _workspace(impl, rows, vocab, d, dtype, strategy="two-pass", monkeypatch=None):
+    """A workspace of exactly ``rows`` rows of the fused path's chunk buffers, plus the side
+    buffer for strategy "side-buffer" (then allowed whatever its share of the workspace);
+    strategy "two-pass" forbids the side buffer."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(tuning, "SIDE_BUFFER_SHARE", 1.0 if strategy == "side-buffer" else 0.0)
+    side = vocab * d * 4 if strategy == "side-buffer" else 0
+    return rows * backend(impl).FusedChunk.bytes_per_row(vocab, d, dtype) + side
 
 
+# The fused path reads logits from its workspace in both Triton modes: no "triton-tile" here.
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("strategy", ["two-pass", "side-buffer"])
 @pytest.mark.parametrize("case", list(SPLITS))
-def test_split_sequences_match_float64(impl, case, monkeypatch):
+def test_split_sequences_match_float64(impl, strategy, case, monkeypatch):
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
     lengths, rows, group, most = SPLITS[case]
     assert max(_pieces(lengths, plan_chunks(lengths, rows))) == most
-    vocab, d = 157, 19
+    vocab, d = 157, 5  # a small D: the side buffer ([V, D]) stays smaller than the sequences
+    ws = _workspace(impl, rows, vocab, d, torch.float32, strategy, monkeypatch)
+    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.float32)
+    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, max(lengths)) == (rows, strategy == "side-buffer")
     hidden, weight, targets, inf_lp, rewards, mask = _batch(lengths, d, vocab, seed=rows)
     (h64, w64), (h, w) = float64_leaves(hidden, weight)
     out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=group, beta1=0.8, beta2=0.4,
-                    temperature=0.9, impl=impl, workspace_bytes=_workspace(impl, rows, vocab, d, torch.float32))
+                    temperature=0.9, impl=impl, workspace_bytes=ws)
     (2.0 * out.loss).backward()
     ref = naive.oapl(h64, w64, targets, inf_lp, rewards, mask, group_size=group, beta1=0.8, beta2=0.4,
                      temperature=0.9)
@@ -93,13 +104,18 @@ def test_split_sequences_match_float64(impl, case, monkeypatch):
     assert rel_err(h.grad, h64.grad) <= 1e-5 and rel_err(w.grad, w64.grad) <= 1e-5
 
 
-def test_split_sequences_bf16(impl, monkeypatch):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("strategy", ["two-pass", "side-buffer"])
+def test_split_sequences_bf16(impl, strategy, monkeypatch):
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
-    lengths = [9, 0, 11, 2]
-    hidden, weight, targets, inf_lp, rewards, mask = _batch(lengths, 24, 130, seed=5, dtype=torch.bfloat16)
+    lengths, vocab, d = [9, 0, 11, 2], 130, 4
+    ws = _workspace(impl, 4, vocab, d, torch.bfloat16, strategy, monkeypatch)
+    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.bfloat16)
+    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, max(lengths)) == (4, strategy == "side-buffer")
+    hidden, weight, targets, inf_lp, rewards, mask = _batch(lengths, d, vocab, seed=5, dtype=torch.bfloat16)
     (h64, w64), (h, w) = float64_leaves(hidden, weight)
     out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1, impl=impl,
-                    workspace_bytes=_workspace(impl, 4, 130, 24, torch.bfloat16))
+                    workspace_bytes=ws)
     out.loss.backward()
     ref = naive.oapl(h64, w64, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1)
     ref["loss"].backward()
@@ -123,7 +139,7 @@ def test_workspace_argument_env_override_and_validation(monkeypatch):
                   beta2=0.1)
 
 
-def _beyond_allowance(lengths, d, vocab, impl, rows):
+def _beyond_allowance(lengths, d, vocab, impl, ws):
     """Peak bytes torch allocates during one fused fwd+bwd (after a warm-up call) beyond what the
     contract allows outside the workspace: gradients (stored and returned, 2 x the inputs' bytes)
     and O(N) per-token statistics (64 bytes a row, generously); and the workspace."""
@@ -133,7 +149,6 @@ def _beyond_allowance(lengths, d, vocab, impl, rows):
     mask[:, :t] = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
     inf_lp = inf_lp.nan_to_num(-1.0)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
-    ws = _workspace(impl, rows, vocab, d, torch.float32)
 
     def run():
         out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1, impl=impl,
@@ -144,18 +159,22 @@ def _beyond_allowance(lengths, d, vocab, impl, rows):
 
     run()  # one-time allocations (the interpreter's caches) stay out of the figure
     allowance = 2 * (h.numel() + w.numel()) * 4 + 64 * mask.numel()
-    return peak_allocated(run)[1] - allowance, ws
+    return peak_allocated(run)[1] - allowance
 
 
-@pytest.mark.parametrize("impl,n,d,vocab,rows", [
-    ("torch", 1024, 64, 2048, 64),  # one 1024-token completion spans 16 chunks
-    ("triton", 32, 32, 200, 8),  # interpreted: the workspace is CPU memory
+@pytest.mark.parametrize("impl,n,d,vocab,rows,side_buffer", [
+    ("torch", 1024, 64, 2048, 64, True),  # one 1024-token completion spans 32 chunks
+    ("triton", 32, 32, 200, 8, False),  # interpreted: the workspace is CPU memory
 ])
-def test_peak_memory_flat_in_completion_length(impl, n, d, vocab, rows, monkeypatch):
-    """One sequence of n tokens costs what 8 sequences of n / 8 cost, within the workspace;
-    before sequences were split, the long one's chunk held all its rows (n / rows workspaces)."""
+def test_peak_memory_flat_in_completion_length(impl, n, d, vocab, rows, side_buffer, monkeypatch):
+    """One sequence of n tokens costs what 2 n / rows sequences of rows / 2 tokens (each within
+    a chunk) cost, within the workspace (the side buffer, when used, counted in it); before
+    sequences were split, the long one's chunk held all its rows (n / rows workspaces)."""
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
-    short, ws = _beyond_allowance([n // 8] * 8, d, vocab, impl, rows)
-    long, _ = _beyond_allowance([n, 0], d, vocab, impl, rows)
+    ws = _workspace(impl, rows, vocab, d, torch.float32)
+    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.float32)
+    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, n)[1] == side_buffer
+    short = _beyond_allowance([rows // 2] * (2 * n // rows), d, vocab, impl, ws)
+    long = _beyond_allowance([n, 0], d, vocab, impl, ws)
     assert long <= short + ws // 4, (long, short, ws)
     assert long <= ws, (long, ws)

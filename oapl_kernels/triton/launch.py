@@ -246,13 +246,19 @@ class FusedChunk:
         return lse, zy, mean
 
     def grads(self, hidden: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
-              d_hidden: torch.Tensor, d_weight: torch.Tensor) -> None:
+              d_hidden: torch.Tensor, d_weight: torch.Tensor, side: torch.Tensor | None = None,
+              side_from: int | None = None) -> None:
         """For the rows of the last :meth:`stats` and fp32 grad_logp [C]: writes dH into
-        d_hidden [C, D] (input dtype) and adds dW into the fp32 accumulator d_weight [V, D]."""
+        d_hidden [C, D] (input dtype) and adds dW into the fp32 accumulator d_weight [V, D], or,
+        for rows ``side_from:``, into the fp32 side buffer ``side`` [V, D]."""
         c, vocab = hidden.shape[0], self.weight.shape[0]
         dz = self.dz_buf[: c * vocab].view(c, vocab)
         dlogits_into(dz, hidden, self.weight, targets, inv_temp, self.lse, None, grad_logp, None, 0, vocab,
                      logits=self.logits)
         torch.mm(dz, self.weight, out=d_hidden)
-        accumulate_mm(d_weight, dz.T, hidden)
+        k = c if side_from is None else side_from
+        if k:
+            accumulate_mm(d_weight, dz[:k].T, hidden[:k])
+        if k < c:
+            accumulate_mm(side, dz[k:].T, hidden[k:])
         self.logits = self.lse = None
