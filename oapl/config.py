@@ -108,11 +108,12 @@ class TrainerConfig:
     # positions (packed: real tokens; padded: rows x the longest row). None: no token limit.
     max_tokens_per_micro_batch: int | None = None
     # Packed micro-batches (oapl.training.packing): sequences back to back, no padding, with
-    # per-sequence position_ids. None: the device's default (on with flash-attn on CUDA; see
-    # docs/TRAINING.md, "Packed sequences", for the CPU).
+    # per-sequence position_ids. None: the default, on (flash-attn's varlen kernel on CUDA;
+    # rows of packed_row_tokens on the CPU, measured faster: docs/TRAINING.md, "Packed ...").
     packing: bool | None = None
-    # Packed rows of at most this many tokens (sdpa/eager build a dense [W, W] mask per row, so
-    # attention costs O(W^2)); None: one row per micro-batch. Ignored by flash-attn (one row).
+    # sdpa/eager (the CPU): packed rows of at most this many tokens (or the longest sequence),
+    # since their block-diagonal mask is dense, O(W^2) attention per row of W; None: 512.
+    # Ignored with flash-attn (one row, the variable-length kernel).
     packed_row_tokens: int | None = None
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
