@@ -21,7 +21,9 @@ class ToyTask:
 
     name: str
     records: list[dict]  # each with "prompt", "answer", "task"
-    answers: list[str]  # every possible answer, one token each in the tiny vocabulary
+    answers: list[str]  # every answer token, one token each in the tiny vocabulary
+    vocab: tuple[str, ...] | None = None  # the tiny model's tokens; None: oapl.tiny.VOCAB
+    answer_len: int = 1  # answer tokens per answer (the format warm-up's length)
 
     def score(self, record: dict, completion: str) -> float:
         """1.0 iff the completion, stripped, is exactly the answer."""
@@ -39,7 +41,16 @@ def _max_task() -> ToyTask:
     return ToyTask("max", records, [str(d) for d in range(10)])
 
 
-TOY_TASKS = {"max": _max_task}
+def _bits_task(name: str):
+    def build() -> ToyTask:
+        from .tasks.bits import bits_task  # 6-token answers (issue 18)
+
+        return bits_task(name)
+
+    return build
+
+
+TOY_TASKS = {"max": _max_task, "cmp": _bits_task("cmp"), "thr": _bits_task("thr")}
 
 
 def toy_task(name: str) -> ToyTask:
