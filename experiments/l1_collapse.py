@@ -17,6 +17,9 @@ log-probs (no sampling):
 
 It also reads each run's ``metrics.jsonl`` (reward, entropy, |A|, log-ratio, grad norm), and
 writes ``<out>/<run>.json``, ``<out>/summary.json`` and ``<out>/l1_collapse.png``.
+
+``--finals RUN_DIR ...`` instead measures only each run's ``final_model`` (exact reward,
+locked prompts, entropy) and counts its clipped steps, into ``<out>/finals.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import json
 import math
 import os
 import sys
+
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _p in (REPO, os.path.join(REPO, "experiments")):
@@ -115,6 +120,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default="experiments/l1_collapse")
+    p.add_argument("--finals", action="store_true", help="only the final models, finals.json")
     args = p.parse_args(argv)
     import torch
 
@@ -123,6 +129,20 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
+    if args.finals:
+        out = {}
+        for run in args.runs:
+            pt = exact_policy(os.path.join(run, "final_model"), torch, tiny, toy_task)
+            recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+            clip = yaml.safe_load(open(os.path.join(run, "config.yaml")))["trainer"]["grad_clip"]
+            out[os.path.basename(run.rstrip("/"))] = {
+                "final_exact": pt["p_correct"], "locked_wrong": round(pt["locked_wrong"] * 100),
+                "entropy_answer": pt["entropy_answer"],
+                "steps_clipped": sum(r["grad_norm"] > clip for r in recs)}
+            print(os.path.basename(run.rstrip("/")), out[os.path.basename(run.rstrip("/"))])
+        with open(os.path.join(args.out, "finals.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        return
     results = []
     for run in args.runs:
         res = analyze(run, torch, tiny, toy_task)

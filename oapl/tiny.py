@@ -2,10 +2,11 @@
 
 The CPU demo and the tests use it instead of a download: a random-init 330k-parameter Llama
 (hidden 128, 2 layers, 2 heads of dim 64 - the vLLM CPU attention backend needs head_dim 64 -,
-MLP 256, untied lm_head) over a 16-token word-level vocabulary (digits and a few symbols).
+MLP 256, untied lm_head) over a 16-token word-level vocabulary (digits and a few symbols):
+``VOCAB`` for the demo's ``toy:max``, or the one a toy task names (``ToyTask.vocab``).
 ``build_tiny_model`` writes a Hugging Face directory (config, safetensors, tokenizer) that both
 transformers and vLLM load. An optional short supervised warm-up teaches the answer *format*
-only (one random answer token, then EOS), so that the task itself is left to RL.
+only (``answer_len`` random answer tokens, then EOS), so that the task itself is left to RL.
 """
 
 from __future__ import annotations
