@@ -11,9 +11,10 @@ format-only warm-up (six uniformly random bits, then EOS) it answers at chance, 
 answer is more frequent than another. ``thr`` (threshold ``THR`` = 3) makes each bit 1 with
 probability 0.7, so its most frequent answer, ``1 1 1 1 1 1``, is right on 0.7^6 ~ 12% of
 prompts: a prompt-independent first step for RL, and a trap (the policy can lock onto it).
-Each bit depends on one or two prompt digits at a fixed distance from it; the tiny model
-learns ``thr`` *supervised* in ~50 steps (lr 1e-3, batch 128, measured at threshold 5). What RL did on each (and on ``thr`` with a threshold
-of 5, balanced) is in docs/RESULTS.md, issue 18.
+Each bit depends on one or two prompt digits at a fixed distance from it. The tiny model
+learns ``thr`` *supervised* in ~50 steps (lr 1e-3, batch 128, at threshold 5). With RL,
+OAPL at L = 32 learned ``thr`` in 330-420 steps, and at L = 1 every run collapsed
+(docs/RESULTS.md, issue 18; also for ``cmp`` and for a threshold of 5).
 
 Prompts: ``NUM_TRAIN`` distinct digit strings for training (the task's ``records``) and
 ``NUM_HELDOUT`` others, disjoint from them, for held-out evaluation (``heldout_records``;
