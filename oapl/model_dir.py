@@ -32,12 +32,14 @@ def prepare_tiny(cfg: Config) -> str:
     """The tiny model built (once, deterministically) under ``<output_dir>/base_model``, with
     its format warm-up (``model.tiny_format_warmup_steps``) on the toy task's prompts."""
     steps = cfg.model.tiny_format_warmup_steps
-    prompts, answers = [], []
+    prompts, answers, vocab, answer_len = [], [], None, 1
+    task = toy_task(cfg.data.source[4:]) if cfg.data.source.startswith("toy:") else None
+    if task is not None:
+        vocab, answer_len = task.vocab, task.answer_len  # the task's vocabulary (None: VOCAB)
     if steps:
-        if not cfg.data.source.startswith("toy:"):
+        if task is None:
             raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
-        task = toy_task(cfg.data.source[4:])
-        tok = tiny.build_tokenizer()
+        tok = tiny.build_tokenizer(vocab or tiny.VOCAB)
         prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"] for r in task.records]
         answers = task.answers
     return tiny.build_tiny_model(
@@ -46,6 +48,8 @@ def prepare_tiny(cfg: Config) -> str:
         warmup_prompts=prompts,
         warmup_answers=answers,
         warmup_steps=steps,
+        vocab=vocab,
+        warmup_answer_len=answer_len,
     )
 
 

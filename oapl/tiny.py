@@ -2,10 +2,11 @@
 
 The CPU demo and the tests use it instead of a download: a random-init 330k-parameter Llama
 (hidden 128, 2 layers, 2 heads of dim 64 - the vLLM CPU attention backend needs head_dim 64 -,
-MLP 256, untied lm_head) over a 16-token word-level vocabulary (digits and a few symbols).
+MLP 256, untied lm_head) over a 16-token word-level vocabulary (digits and a few symbols):
+``VOCAB`` for the demo's ``toy:max``, or the one a toy task names (``ToyTask.vocab``).
 ``build_tiny_model`` writes a Hugging Face directory (config, safetensors, tokenizer) that both
 transformers and vLLM load. An optional short supervised warm-up teaches the answer *format*
-only (one random answer token, then EOS), so that the task itself is left to RL.
+only (``answer_len`` random answer tokens, then EOS), so that the task itself is left to RL.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ VOCAB = SPECIAL_TOKENS + [str(d) for d in range(10)] + ["max", "="]
 _MARKER = "oapl_tiny.json"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over ``VOCAB``: whitespace-split words, ``<bos>`` prepended."""
-    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+def build_tokenizer(vocab_list: Sequence[str] = VOCAB) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``vocab_list`` (default ``VOCAB``, the ``toy:max`` demo's;
+    another task may name its own, which must start with ``SPECIAL_TOKENS``): whitespace-split
+    words, ``<bos>`` prepended."""
+    _check_vocab(vocab_list)
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
@@ -41,10 +45,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(seed: int) -> LlamaForCausalLM:
-    """Random-init tiny Llama (fp32), identical for identical ``seed``."""
+def _check_vocab(vocab_list: Sequence[str]) -> None:
+    if list(vocab_list[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS or len(set(vocab_list)) != len(
+        vocab_list
+    ):
+        raise ValueError(f"a tiny vocabulary must start with {SPECIAL_TOKENS} and have no "
+                         f"duplicates, got {list(vocab_list)}")
+
+
+def build_model(seed: int, vocab_list: Sequence[str] = VOCAB) -> LlamaForCausalLM:
+    """Random-init tiny Llama (fp32) over ``vocab_list``, identical for identical arguments."""
+    _check_vocab(vocab_list)
     cfg = LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(vocab_list),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -53,9 +66,9 @@ def build_model(seed: int) -> LlamaForCausalLM:
         head_dim=64,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=VOCAB.index("<bos>"),
-        eos_token_id=VOCAB.index("<eos>"),
-        pad_token_id=VOCAB.index("<pad>"),
+        bos_token_id=SPECIAL_TOKENS.index("<bos>"),
+        eos_token_id=SPECIAL_TOKENS.index("<eos>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -73,12 +86,14 @@ def format_warmup(
     seed: int,
     lr: float = 1e-3,
     batch_size: int = 128,
+    answer_len: int = 1,
 ) -> None:
     """Supervised warm-up on the answer format only, in place.
 
-    Each example is a prompt (token ids, all of one length) followed by a *uniformly random*
-    answer token and EOS; the loss covers the two completion tokens. The model learns to emit
-    one answer token then stop, at chance accuracy.
+    Each example is a prompt (token ids, all of one length) followed by ``answer_len``
+    answer tokens drawn *uniformly and independently at random* (unrelated to the prompt) and
+    EOS; the loss covers the completion tokens. The model learns to emit ``answer_len``
+    answer tokens then stop, at chance accuracy.
     """
     if steps <= 0:
         return
@@ -92,9 +107,12 @@ def format_warmup(
     model.train()
     for _ in range(steps):
         rows = torch.randint(len(prompt_t), (batch_size,), generator=gen)
-        ans = answers[torch.randint(len(answers), (batch_size,), generator=gen)]
+        if answer_len == 1:  # toy:max's draws, unchanged
+            ans = answers[torch.randint(len(answers), (batch_size,), generator=gen)][:, None]
+        else:
+            ans = answers[torch.randint(len(answers), (batch_size, answer_len), generator=gen)]
         eos = torch.full((batch_size,), eos_token_id, dtype=torch.long)
-        ids = torch.cat([prompt_t[rows], ans[:, None], eos[:, None]], dim=1)  # [B, P + 2]
+        ids = torch.cat([prompt_t[rows], ans, eos[:, None]], dim=1)  # [B, P + answer_len + 1]
         labels = ids.clone()
         labels[:, : prompt_t.shape[1]] = -100
         loss = model(input_ids=ids, labels=labels).loss
@@ -111,11 +129,15 @@ def build_tiny_model(
     warmup_prompts: Sequence[Sequence[int]] = (),
     warmup_answers: Sequence[str] = (),
     warmup_steps: int = 0,
+    vocab: Sequence[str] | None = None,
+    warmup_answer_len: int = 1,
 ) -> str:
     """Write the tiny model + tokenizer to ``out_dir`` (a HF directory) and return ``out_dir``.
 
-    Deterministic in its arguments; a directory already built with the same arguments is
-    reused. The write is atomic (temporary directory, then rename).
+    ``vocab``: the task's token list (None: ``VOCAB``, the demo's); ``warmup_answer_len``:
+    answer tokens per warm-up example. Deterministic in its arguments; a directory already
+    built with the same arguments is reused. The write is atomic (temporary directory, then
+    rename).
     """
     spec = {
         "seed": seed,
@@ -123,14 +145,20 @@ def build_tiny_model(
         "warmup_prompts": [list(p) for p in warmup_prompts],
         "warmup_answers": list(warmup_answers),
     }
+    # Only when not the default, so that toy:max's marker (and its reuse) stay as they were.
+    if vocab is not None and list(vocab) != VOCAB:
+        spec["vocab"] = list(vocab)
+    if warmup_answer_len != 1:
+        spec["warmup_answer_len"] = warmup_answer_len
+    vocab_list = list(vocab) if vocab is not None else VOCAB
     marker = os.path.join(out_dir, _MARKER)
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == spec:
                 return out_dir
         raise ValueError(f"{out_dir} holds a tiny model built with other settings; remove it")
-    tokenizer = build_tokenizer()
-    model = build_model(seed)
+    tokenizer = build_tokenizer(vocab_list)
+    model = build_model(seed, vocab_list)
     if warmup_steps:
         answer_ids = [tokenizer.convert_tokens_to_ids(a) for a in warmup_answers]
         if tokenizer.unk_token_id in answer_ids:
@@ -142,6 +170,7 @@ def build_tiny_model(
             tokenizer.eos_token_id,
             steps=warmup_steps,
             seed=seed,
+            answer_len=warmup_answer_len,
         )
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

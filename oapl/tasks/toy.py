@@ -7,17 +7,23 @@ Add one: a function returning a ``ToyTask`` and one line in ``TOY_TASKS``; it is
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+from . import bits
 
 
 @dataclass(frozen=True)
 class ToyTask:
-    """``records``: dicts with ``prompt``, ``answer`` and ``task``; ``answers``: every possible
-    answer, each one token of the tiny vocabulary."""
+    """``records``: dicts with ``prompt``, ``answer`` and ``task``; ``answers``: every answer
+    token, each one token of the tiny vocabulary; ``vocab``: the tiny model's tokens (None:
+    ``oapl.tiny.VOCAB``); ``answer_len``: answer tokens per answer (the format warm-up's)."""
 
     name: str
     records: list[dict]
     answers: list[str]
+    vocab: tuple[str, ...] | None = None
+    answer_len: int = 1
 
 
 def max_task() -> ToyTask:
@@ -31,9 +37,19 @@ def max_task() -> ToyTask:
     return ToyTask("max", records, [str(d) for d in range(10)])
 
 
-TOY_TASKS = {"max": max_task}
+def _bits(name: str):
+    """``toy:cmp`` / ``toy:thr``: six-bit answers (``oapl.tasks.bits``, issue 18)."""
+    def build() -> ToyTask:
+        return ToyTask(name, bits.train_records(name), ["0", "1"], vocab=bits.VOCABS[name],
+                       answer_len=bits.WIDTH)
+
+    return build
 
 
+TOY_TASKS = {"max": max_task, "cmp": _bits("cmp"), "thr": _bits("thr")}
+
+
+@functools.lru_cache(maxsize=None)
 def toy_task(name: str) -> ToyTask:
     if name not in TOY_TASKS:
         raise ValueError(f"unknown toy task {name!r}; available: {sorted(TOY_TASKS)}")
