@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import torch
 
-RewardFn = Callable[[dict, str], float]
+from .rewards import RewardFn
+
 log = logging.getLogger(__name__)
 
 

@@ -188,7 +188,6 @@ class Config:
             ("generation.n", g.n),
             ("generation.max_tokens", g.max_tokens),
             ("data.prompts_per_step", d.prompts_per_step),
-            ("trainer.workspace_mb", 1 if t.workspace_mb is None else t.workspace_mb),
             ("trainer.steps", t.steps),
             ("trainer.minibatches", t.minibatches),
             ("trainer.max_tokens_per_micro_batch", _or_one(t.max_tokens_per_micro_batch)),
@@ -212,8 +211,10 @@ class Config:
         if g.ahead and d.rollouts is not None:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
-        if d.reward_workers is not None and d.reward_workers < 1:
-            raise ValueError(f"data.reward_workers must be >= 1, got {d.reward_workers}")
+        for key, value in [("data.reward_workers", d.reward_workers),
+                           ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
         if a.lag_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:

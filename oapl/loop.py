@@ -31,7 +31,7 @@ from .config import Config
 from .engine.generator import Generator
 from .metrics import step_record
 from .model_dir import model_dir
-from .run import Loggers, export_final, open_run_dir, seed_all, set_threads, check_run_dir
+from .run import Loggers, check_run_dir, export_final, open_run_dir, seed_all, set_threads
 from .sources import BatchSource, SampledBatch, make_source
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.policy import Policy

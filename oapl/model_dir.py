@@ -1,8 +1,8 @@
 """Any model a command may name, as a Hugging Face directory that vLLM and transformers load.
 
 ``model_dir(path, cfg)`` accepts ``tiny`` (the built-in model, built under
-``<cfg.output_dir>/base_model`` by ``prepare_tiny``), a built-in alias (``builtin:smollm2-135m-instruct``, see
-``oapl.model_source``), a HF directory (a run's ``final_model`` or ``base_model``
+``<cfg.output_dir>/base_model`` by ``prepare_tiny``), a built-in alias
+(``builtin:smollm2-135m-instruct``, see ``oapl.model_source``), a HF directory (a run's ``final_model`` or ``base_model``
 included), or a training checkpoint ``<run>/checkpoints/step_<N>`` (weights and optimizer
 only): the checkpoint's weights are loaded into its run's base model and saved once, as a HF
 directory, under ``<cfg.output_dir>/models/<run>-step_<N>`` (written to a temporary name and

@@ -78,9 +78,9 @@ def check_run_dir(cfg: Config) -> None:
 
 
 def open_run_dir(cfg: Config) -> str | None:
-    """Check (``check_run_dir``), create the run directory, save ``config.yaml``; return the
-    latest checkpoint to resume from (None for a new run or one without checkpoints yet)."""
-    check_run_dir(cfg)
+    """Create the run directory (which ``check_run_dir`` accepted) and save ``config.yaml``;
+    return the latest checkpoint to resume from (None for a new run or one without
+    checkpoints yet)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     if not cfg.resume:
