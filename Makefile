@@ -21,8 +21,9 @@ $(STAMP): setup.py Makefile
 	rm -f .venv/.installed-*
 	touch $(STAMP)
 
+# The engine samples one batch ahead in its own process (docs/PERF.md, "Loop throughput").
 demo: $(STAMP)
-	$(PY) -m oapl.cli train examples/tiny-cpu.yaml
+	$(PY) -m oapl.cli train examples/tiny-cpu.yaml generation.ahead=1 generation.num_threads=1
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests benchmarks --benchmark-disable

@@ -20,6 +20,8 @@ QUIET_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Set by ``quiet``: tells the processes this one starts (the engine's) to be quiet as well.
+QUIET_MARK = "OAPL_QUIET"
 
 
 def quiet() -> None:
@@ -29,6 +31,13 @@ def quiet() -> None:
         return
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    os.environ[QUIET_MARK] = "1"
+    # multiprocessing's resource tracker (its own process, which reads this variable) warns at
+    # exit about the semaphores of an engine process that was killed; it cleans them up itself.
+    tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+    if tracker not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            w for w in (os.environ.get("PYTHONWARNINGS"), tracker) if w)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
     logging.getLogger("vllm").setLevel(logging.ERROR)
@@ -36,3 +45,10 @@ def quiet() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def quiet_if_parent_was() -> None:
+    """In a process started by one that called ``quiet`` (environment variables pass to a
+    child, but logger levels and warning filters do not): be quiet too."""
+    if os.environ.get(QUIET_MARK):
+        quiet()

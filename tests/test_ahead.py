@@ -152,6 +152,8 @@ def test_engine_killed_gives_one_clear_error(tmp_path):
     assert proc.returncode == 1, err[-3000:]
     assert "the engine process" in err and "was killed by SIGKILL" in err
     assert "Traceback" not in err
+    # The engine process is as quiet as the trainer's: no library notices on the console.
+    assert not [line for line in err.splitlines() if "Warning" in line or "Triton" in line]
     _assert_gone(pids)
 
 

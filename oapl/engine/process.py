@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from ..batch import Rollout
 from ..config import GenerationConfig
+from ..console import quiet_if_parent_was
 
 # Set by torchrun; vLLM must not mistake the child for a rank of the trainer's world.
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -33,7 +34,9 @@ def setup_engine_process(threads: int, devices: str | None = None) -> None:
     """First thing in a spawned engine process: forget torchrun's environment (vLLM must not
     take the child for a rank of the trainer's world), die with the parent (Linux
     ``PR_SET_PDEATHSIG``: no engine left behind when the trainer is killed, even by SIGKILL),
-    see only ``devices`` (``CUDA_VISIBLE_DEVICES``) when given, use ``threads`` torch threads."""
+    see only ``devices`` (``CUDA_VISIBLE_DEVICES``) when given, use ``threads`` torch threads,
+    keep the console as quiet as the parent's."""
+    quiet_if_parent_was()
     for key in _LAUNCHER_ENV:
         os.environ.pop(key, None)
     if devices is not None:
@@ -44,6 +47,31 @@ def setup_engine_process(threads: int, devices: str | None = None) -> None:
         if os.getppid() == 1:  # the parent died before prctl took effect
             os._exit(1)
     torch.set_num_threads(threads)
+
+
+def _quiet_resource_sharer(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` without the traceback that multiprocessing's resource sharer thread
+    prints (through ``sys.excepthook``) when the engine process dies while receiving a weight
+    push: the peer resets the connection that hands over the tensors' file descriptors. The
+    dead engine is reported by whoever waits on it, in one line."""
+    frames = []
+    t = tb
+    while t is not None:
+        frames.append(t.tb_frame.f_code.co_filename)
+        t = t.tb_next
+    sharer = os.path.join("multiprocessing", "resource_sharer.py")
+    if issubclass(exc_type, (ConnectionError, EOFError)) and any(
+            f.endswith(sharer) for f in frames):
+        return
+    _default_excepthook(exc_type, exc, tb)
+
+
+_default_excepthook = sys.excepthook
+
+
+def quiet_resource_sharer() -> None:
+    """Install ``_quiet_resource_sharer`` in the process that sends tensors."""
+    sys.excepthook = _quiet_resource_sharer
 
 
 def cpu_copies(named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -85,6 +113,7 @@ class GeneratorProcess:
     ``threads``: the child's torch threads (the engine's CPU compute)."""
 
     def __init__(self, model_path: str, cfg: GenerationConfig, seed: int = 0, threads: int = 1):
+        quiet_resource_sharer()
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, model_path, cfg, seed, threads),

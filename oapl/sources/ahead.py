@@ -41,7 +41,7 @@ import torch.multiprocessing as mp
 
 from ..batch import Rollout, collate, pad_token_id
 from ..config import Config
-from ..engine.process import cpu_copies, setup_engine_process
+from ..engine.process import cpu_copies, quiet_resource_sharer, setup_engine_process
 from ..errors import EngineError
 from ..training.trainer import Trainer
 from .base import SampledBatch
@@ -148,6 +148,7 @@ class AheadSource:
         self.next = 0  # the next batch to train
         self.sampler_state = {"epoch": 0, "cursor": 0}  # after the last batch taken or drained
         self.pending: list[_Sampled] = []  # batches taken off the queue (or restored)
+        quiet_resource_sharer()
         ctx = mp.get_context("spawn")
         self.pushes, self.results = ctx.Queue(), ctx.Queue(maxsize=g.ahead)
         threads = g.num_threads or cfg.trainer.num_threads or torch.get_num_threads()
