@@ -187,6 +187,22 @@ def test_push_needed_matches_enumeration():
                 (v, first, total, ahead, k, sync)
 
 
+def test_at_most_ahead_plus_one_pushes_wait():
+    """The bound on staged copies (oapl.engine.weight_transfer.NCCLSender): at a push after
+    step s the engine has started every batch the trainer took, so the needed versions <= s
+    whose first batch has not started number at most K + 1."""
+    total = 40
+    for ahead, k, sync in itertools.product(range(1, 5), range(1, 5), range(1, 7)):
+        first_batch = {}
+        for b in range(total):
+            first_batch.setdefault(sampling_version(b, ahead, k, sync), b)
+        for s in range(0, total * k + 1, sync):
+            started = -(-s // k) - 1
+            waiting = [v for v in range(0, s + 1, sync)
+                       if push_needed(v, 0, total, ahead, k, sync) and first_batch[v] > started]
+            assert len(waiting) <= ahead + 1, (ahead, k, sync, s)
+
+
 def test_nccl_client_and_engine_side_speak_one_protocol():
     """The trainer's proxy client (what vLLM's NCCLTrainerWeightTransferEngine drives) and the
     engine's side of one version, over plain queues with a stand-in generator: the engine

@@ -131,7 +131,8 @@ class NCCLSender:
         self.stopping = threading.Event()
         self.client = QueueClient(pushes, acks, self.stopping)
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(device, world_size),
+        self.device = device
+        self.thread = threading.Thread(target=self._run, args=(world_size,),
                                        name="oapl-nccl-sender", daemon=True)
         self.thread.start()
 
@@ -142,7 +143,7 @@ class NCCLSender:
         staged = [(name, t.detach().to(dtype=dtype or t.dtype, copy=True))
                   for name, t in named_tensors]
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))
         self.jobs.put((version, staged, ready))
 
     def check(self) -> None:
@@ -157,9 +158,10 @@ class NCCLSender:
         self.jobs.put(None)
         self.thread.join(timeout)
 
-    def _run(self, device: int, world_size: int) -> None:
+    def _run(self, world_size: int) -> None:
+        """The thread: join the engine's NCCL group, then send each queued version."""
         try:
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(self.device)
             source = StagedWeights()
             info = NCCLTrainerInitInfo(master_address="127.0.0.1", master_port=_free_port(),
                                        world_size=world_size, rank=0)
