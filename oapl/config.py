@@ -8,6 +8,7 @@ and validates the result. Unknown keys raise ``ValueError`` listing the valid on
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import types
@@ -22,6 +23,7 @@ LAG_LOGPROBS = ("sampler", "recompute")
 LOGGERS = ("tensorboard", "wandb")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 GRPO_OLD = ("sampler", "detached")
+WEIGHT_TRANSFERS = ("shared_memory", "nccl")
 
 
 @dataclass
@@ -92,6 +94,10 @@ class GenerationConfig:
     # ahead >= 1: the engine's devices (CUDA_VISIBLE_DEVICES of its process, e.g. "1"); None:
     # inherit. On a GPU machine give the trainer and the engine different devices.
     devices: str | None = None
+    # ahead >= 1: how pushes reach the engine. shared_memory: CPU copies through shared
+    # memory; nccl: a GPU copy broadcast over vLLM's NCCL weight transfer (trainer on a CUDA
+    # device, the engine on others). See oapl/engine/weight_transfer.py.
+    weight_transfer: str = "shared_memory"
 
 
 @dataclass
@@ -184,6 +190,7 @@ class Config:
         _choice("algorithm.grpo_old", a.grpo_old, GRPO_OLD)
         _choice("generation.logprobs_mode", g.logprobs_mode, LOGPROBS_MODES)
         _choice("trainer.kernel_impl", t.kernel_impl, ("auto", "triton", "torch"))
+        _choice("generation.weight_transfer", g.weight_transfer, WEIGHT_TRANSFERS)
         for key, value in [
             ("generation.n", g.n),
             ("generation.max_tokens", g.max_tokens),
@@ -211,6 +218,8 @@ class Config:
         if g.ahead and d.rollouts is not None:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
+        if g.weight_transfer == "nccl":
+            _check_nccl_transfer(g.ahead, t.device)
         for key, value in [("data.reward_workers", d.reward_workers),
                            ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
             if value is not None and value < 1:
@@ -257,6 +266,30 @@ class Config:
 def _or_one(value: int | None) -> int:
     """``value``, or 1 (valid) for an unset optional limit."""
     return 1 if value is None else value
+
+
+def _check_nccl_transfer(ahead: int, device: str) -> None:
+    """``generation.weight_transfer=nccl`` needs the engine in its own process, the trainer on
+    a CUDA device and vLLM's NCCL weight-transfer backend."""
+    if not ahead:
+        raise ValueError("generation.weight_transfer=nccl sends to an engine in its own "
+                         "process: set generation.ahead >= 1")
+    if not device.startswith("cuda"):
+        raise ValueError("generation.weight_transfer=nccl broadcasts from the trainer's GPU: set "
+                         f"trainer.device to a CUDA device (e.g. cuda:0), got {device!r}")
+    if not has_vllm_nccl_transfer():
+        raise ValueError("generation.weight_transfer=nccl needs vLLM's NCCL weight transfer "
+                         "(vllm.distributed.weight_transfer.nccl_engine), not installed")
+
+
+def has_vllm_nccl_transfer() -> bool:
+    """Whether the installed vLLM has the NCCL weight-transfer backend (found without
+    importing vLLM, which takes seconds)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        return False
+    path = ("distributed", "weight_transfer", "nccl_engine.py")
+    return os.path.isfile(os.path.join(os.path.dirname(spec.origin), *path))
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

@@ -66,6 +66,26 @@ def test_raw_logprobs_refused_as_log_pi_lag_away_from_temperature_1():
     load_config(None, [raw, "generation.temperature=0.7", "algorithm.lag_logprobs=recompute"])
 
 
+NCCL = ["generation.weight_transfer=nccl", "generation.ahead=1", "trainer.device=cuda:0"]
+
+
+def test_nccl_weight_transfer_needs_ahead_a_cuda_trainer_and_vllm(monkeypatch):
+    """Checked in the config, so no GPU is needed to see the errors."""
+    load_config(None, NCCL)
+    for extra, message in [
+        (["generation.weight_transfer=gloo"], "generation.weight_transfer must be one of"),
+        (["generation.ahead=0"], "set generation.ahead >= 1"),
+        (["trainer.device=cpu"], "set trainer.device to a CUDA device"),
+        (["trainer.device=auto"], "set trainer.device to a CUDA device"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config(None, [*NCCL, *extra])
+    monkeypatch.setattr("oapl.config.has_vllm_nccl_transfer", lambda: False)
+    with pytest.raises(ValueError, match="needs vLLM's NCCL weight transfer"):
+        load_config(None, NCCL)
+    load_config(None, [*NCCL, "generation.weight_transfer=shared_memory"])
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["algorithm.beta2=0.1", "generation.top_k=5"])
     save_config(cfg, str(tmp_path / "config.yaml"))
@@ -81,7 +101,9 @@ EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examp
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_examples_load(path):
+def test_examples_load(path, monkeypatch):
+    # The GPU examples are for machines with vLLM (weight_transfer: nccl checks for it).
+    monkeypatch.setattr("oapl.config.has_vllm_nccl_transfer", lambda: True)
     load_config(path)
 
 

@@ -6,6 +6,12 @@ live in this process, so weights are pushed as tensors, with no serialization an
 By default the engine returns each sampled token's log-probability *after* temperature
 (``generation.logprobs_mode="processed_logprobs"``): the distribution the trainer's loss uses.
 vLLM's own default, ``raw_logprobs``, is untempered; it is selectable only to show that pitfall.
+
+Weights reach the engine one of two ways: ``load_weights`` (tensors handed over in this process,
+e.g. from shared memory) or, with ``generation.weight_transfer: nccl``, vLLM's NCCL weight
+transfer (``init_weight_transfer`` once, then per version ``start_weight_update``,
+``update_weights``, ``finish_weight_update``; the trainer's side is
+``oapl.engine.weight_transfer``).
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class VLLMGenerator:
         )
         if cfg.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
+        if cfg.weight_transfer == "nccl":
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
         kwargs.update(cfg.engine_kwargs)
         threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)
@@ -136,6 +144,29 @@ class VLLMGenerator:
         prefix cache: its KV entries were computed with the old weights."""
         tensors = [(k, v.detach().to(self._push_dtype or v.dtype)) for k, v in named_tensors]
         self.llm.collective_rpc(_reload_weights, args=(tensors,))
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join the trainer's NCCL group (``generation.weight_transfer: nccl``): ``init_info``
+        is vLLM's worker init payload (master address and port, rank offset, world size, wire
+        parameters). Blocks until the trainer joins too."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        """Begin receiving a version over NCCL (vLLM's layerwise reload starts)."""
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive the broadcast described by ``update_info`` (vLLM's dict: ``names``,
+        ``dtype_names``, ``shapes``, HF names, the engine's dtype) straight into the model;
+        returns when it has arrived."""
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, version: int) -> None:
+        """Complete the update begun by ``start_weight_update``: the model now holds version
+        ``version``; drop the prefix cache (its KV entries came from the old weights)."""
+        self.llm.finish_weight_update()
         self.llm.reset_prefix_cache()
         self.version = version
 
