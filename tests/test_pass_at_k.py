@@ -48,3 +48,20 @@ def test_labels_and_table():
     table = format_table({"base": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "rl": [0.9] * 6})
     assert [line.split()[0] for line in table.splitlines()] == ["k", "1", "2", "4", "6"]
     assert table.splitlines()[-1].split() == ["6", "0.600", "0.900"]
+
+
+def test_exact_curve_is_the_estimators_expectation():
+    """experiments/pass_at_k_entropy.py plots 1 - (1 - p)^k from the policy's exact success
+    probability p: the expectation of the unbiased estimator over c ~ Binomial(n, p)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "test_time_scaling.py")
+    spec = importlib.util.spec_from_file_location("pass_at_k_entropy", path)
+    pke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pke)
+    n, ps, ks = 12, [0.0, 0.03, 0.4, 1.0], [1, 2, 5, 12]
+    expected = [sum(math.comb(n, c) * p**c * (1 - p) ** (n - c) * pass_at_k(n, c, k)
+                    for c in range(n + 1) for p in ps) / len(ps) for k in ks]
+    assert pke.exact_pass_at_k(ps, ks) == pytest.approx(expected, abs=1e-12)
