@@ -57,7 +57,7 @@ def test_exact_curve_is_the_estimators_expectation():
     import os
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "experiments", "test_time_scaling.py")
+                        "experiments", "pass_at_k_entropy.py")
     spec = importlib.util.spec_from_file_location("pass_at_k_entropy", path)
     pke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pke)
