@@ -22,6 +22,9 @@ Methods (``METHODS``):
              a truncated-IS policy gradient with group-normalized advantages; tuned key: lr
   grpo_clip  GRPO, PPO-clip (eps 0.2) against the sampler's log-probs (optional third arm);
              tuned key: lr
+  oapl_ahead OAPL with the engine one batch ahead in its own process (``generation.ahead=1``),
+             beta2 as tuned for ``oapl``; run last, one at a time (two processes each), and
+             plotted against OAPL inline as reward over wall time (``wall_time.png``)
 
 Final reward: ``policy``, the exact expected reward of the trained weights at the end of the
 run (``policy_reward``; under lag the training reward is that of the stale engine, at L >= steps
@@ -84,6 +87,17 @@ METHODS = {
         "short": "lr",
         "candidates": [3e-4, 1e-4],
     },
+    # OAPL with the engine one batch ahead in its own process (issue 15): beta2 as tuned for
+    # OAPL inline (the same loss; only the schedule differs). Runs alone on the machine (it
+    # uses two processes), for reward against wall time beside the inline runs.
+    "oapl_ahead": {
+        "label": "OAPL, engine 1 batch ahead",
+        "overrides": ["algorithm.name=oapl", "algorithm.beta1=1.0", "generation.ahead=1",
+                      "generation.num_threads=1"],
+        "hp": "algorithm.beta2",
+        "short": "beta2",
+        "tune_as": "oapl",
+    },
     "grpo_clip": {
         "label": "GRPO, PPO-clip vs sampler",
         "overrides": ["algorithm.name=grpo", "algorithm.grpo_old=sampler",
@@ -101,6 +115,7 @@ FULL = {
     "extra_lags": [1000],  # > steps: the engine never gets new weights within the run
     "core_methods": ["oapl", "grpo_tis"],
     "extra_methods": ["grpo_clip"],
+    "ahead_methods": ["oapl_ahead"],
     "common": [],
 }
 
@@ -115,6 +130,7 @@ QUICK = {
     "extra_lags": [],
     "core_methods": ["oapl", "grpo_tis"],
     "extra_methods": [],
+    "ahead_methods": [],
     "common": ["trainer.lr=5e-4"],
     "fixed": {"oapl": 0.1, "grpo_tis": None},  # None: the hp is not overridden (lr above)
 }
@@ -296,11 +312,20 @@ def run_all(out: str, jobs: list[tuple], plan: dict, workers: int) -> list[str]:
     return done
 
 
+def inherit_tuning(tuning: dict, methods: list[str]) -> None:
+    """Give each method with ``tune_as`` the value chosen for that method (once it has one)."""
+    for m in methods:
+        source = METHODS[m].get("tune_as")
+        if source and m not in tuning and source in tuning:
+            tuning[m] = dict(tuning[source], tuned_as=source)
+
+
 def tune(out: str, methods: list[str], plan: dict, workers: int) -> dict:
     """Each method's value: the best final reward over its candidates at TUNE_LAG, seed 0."""
     path = os.path.join(out, "tuning.json")
     tuning = json.load(open(path)) if os.path.exists(path) else {}
-    todo = [m for m in methods if m not in tuning]
+    inherit_tuning(tuning, methods)
+    todo = [m for m in methods if m not in tuning and not METHODS[m].get("tune_as")]
     if "fixed" in plan:
         for m in todo:
             tuning[m] = {"chosen": plan["fixed"][m], "tried": {}, "lag": None, "seed": None}
@@ -360,7 +385,8 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
     Two final rewards per run: ``policy`` (primary), the exact expected reward of the trained
     weights at the end (``policy_reward``), and ``sampler``, the mean training reward of the
     last FINAL_WINDOW steps, i.e. of what the lagging engine generated."""
-    methods = [m for m in plan["core_methods"] + plan["extra_methods"] if m in tuning]
+    methods = [m for m in plan["core_methods"] + plan["extra_methods"] + plan["ahead_methods"]
+               if m in tuning]
     lags = plan["core_lags"] + plan["extra_lags"]
     rows, curves = [], {}
     for m in methods:
@@ -426,10 +452,61 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                     f"{r['run_wall_s_mean']:.0f} |\n")
     if rows:
         _figure(out, plan, methods, lags, rows, curves)
+        _wall_figure(out, plan, [m for m in ("oapl", "oapl_ahead") if m in methods], lags,
+                     tuning)
     return summary
 
 
-COLORS = {"oapl": "tab:blue", "grpo_tis": "tab:red", "grpo_clip": "tab:green"}
+COLORS = {"oapl": "tab:blue", "grpo_tis": "tab:red", "grpo_clip": "tab:green",
+          "oapl_ahead": "tab:purple"}
+
+
+def run_clock(run_dir: str) -> list[float]:
+    """Seconds since the run's first step began, at the end of each step (from the metrics'
+    timestamps; the first step counted as long as the second; a resumed run's restart gap is
+    left out)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["time"] for line in f]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    typical = statistics.median(gaps) if gaps else 0.0
+    clock, t = [], (gaps[0] if gaps else 0.0)
+    for g in [None] + gaps:
+        if g is not None:
+            t += g if g < 20 * typical else typical  # a restart: count one ordinary step
+        clock.append(t)
+    return clock
+
+
+def _wall_figure(out, plan, methods, lags, tuning) -> None:
+    """Sampler reward (10-step mean) against wall time, OAPL inline against ahead, per lag."""
+    if len(methods) < 2:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.4 * len(lags), 3.5), squeeze=False)
+    for ax, lag in zip(axes[0], lags):
+        for m in methods:
+            for s in plan["seeds"]:
+                d = os.path.join(out, "runs", run_name(m, tuning[m]["chosen"], lag, s))
+                r = read_rewards(d)
+                if len(r) < plan["steps"]:
+                    continue
+                ax.plot(run_clock(d)[: plan["steps"]], _smooth(r[: plan["steps"]], 10),
+                        color=COLORS[m], alpha=0.8, lw=1,
+                        label=METHODS[m]["label"] if s == plan["seeds"][0] else None)
+        ax.set_title(f"L = {lag}", fontsize=9)
+        ax.set_xlabel("wall time of the steps (s)")
+        ax.set_ylabel("sampler reward (10-step mean)", fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("OAPL inline (two runs at a time, one core each) vs the engine one batch ahead "
+                 "(one run at a time, two processes), one line per seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "wall_time.png"), dpi=110)
+    plt.close(fig)
 
 
 def _figure(out, plan, methods, lags, rows, curves) -> None:
@@ -510,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="CI: 1 seed, lags 1 and 8, 80 steps")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (at most 2 on 2 cores)")
     p.add_argument("--core-only", action="store_true",
-                   help="skip the extra lag (1000) and the third arm (grpo_clip)")
+                   help="skip the extra lag (1000), the third arm (grpo_clip) and OAPL ahead")
     p.add_argument("--report", action="store_true", help="only summarize and plot what is done")
     p.add_argument("--steps", type=int, help="override the plan's steps")
     p.add_argument("--lr", type=float, help="override the lr of every run (trials; use a fresh --out: run names omit it)")
@@ -530,15 +607,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lags:
         plan["core_lags"], plan["extra_lags"] = args.lags, []
     if args.methods:
-        plan["core_methods"], plan["extra_methods"] = args.methods, []
+        plan["core_methods"], plan["extra_methods"], plan["ahead_methods"] = args.methods, [], []
     if args.core_only:
-        plan["extra_lags"], plan["extra_methods"] = [], []
+        plan["extra_lags"], plan["extra_methods"], plan["ahead_methods"] = [], [], []
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     if args.report:
         tpath = os.path.join(out, "tuning.json")
         tuning = json.load(open(tpath)) if os.path.exists(tpath) else {}
+        inherit_tuning(tuning, plan["ahead_methods"])
         s = report(out, plan, tuning)
         for r in s["rows"]:
             print(f"{r['method']:10s} L={r['lag']:<5d} n={r['n']} policy "
@@ -564,6 +642,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for lag in plan["core_lags"] + plan["extra_lags"] for s in seeds
                 for m in plan["extra_methods"] if m in tuning]
         run_all(out, more, plan, args.jobs)
+    if plan["ahead_methods"]:  # one at a time: each uses two processes
+        tuning = tune(out, plan["core_methods"] + plan["ahead_methods"], plan, 1)
+        ahead = [(m, tuning[m]["chosen"], lag, s)
+                 for lag in plan["core_lags"] + plan["extra_lags"] for s in seeds
+                 for m in plan["ahead_methods"] if m in tuning]
+        run_all(out, ahead, plan, 1)
     wall = time.time() - t0
     s = report(out, plan, tuning, wall)
     log(out, f"sweep end: {wall:.0f} s this invocation; summary in {out}/summary.json")
