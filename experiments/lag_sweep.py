@@ -501,7 +501,8 @@ def _wall_figure(out, plan, methods, lags, tuning) -> None:
         ax.set_xlabel("wall time of the steps (s)")
         ax.set_ylabel("sampler reward (10-step mean)", fontsize=8)
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7, loc="upper left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("OAPL inline (two runs at a time, one core each) vs the engine one batch ahead "
                  "(one run at a time, two processes), one line per seed", fontsize=9)
     fig.tight_layout()
