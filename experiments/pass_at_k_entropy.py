@@ -27,42 +27,37 @@ import argparse
 import csv
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # run as experiments/pass_at_k_entropy.py
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for path in (REPO, HERE):  # oapl, and lag_sweep beside this script (also when imported)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from lag_sweep import COLORS, FULL, METHODS, run_name  # noqa: E402 - after the path set-up
 
 KS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-RUN = re.compile(r"^(?P<method>[a-z_]+?)_(?P<hp>[a-z0-9]+=[0-9.e-]+|default)_L(?P<lag>\d+)"
-                 r"_s(?P<seed>\d+)$")
-LABELS = {"oapl": "OAPL", "grpo_tis": "GRPO + truncated IS", "grpo_clip": "GRPO, PPO-clip",
-          "base": "base model"}
+BASE = {"label": "base model", "color": "gray"}
 
 
-def finished_runs(sweep: str, lags: list[int]) -> list[dict]:
-    """The runs of the sweep at ``lags`` with its tuned value (``tuning.json``) that have a
-    ``final_model``."""
-    from lag_sweep import run_name  # experiments/, this script's directory
-
+def finished_runs(sweep: str, lags: list[int], seeds: list[int]) -> list[dict]:
+    """The runs of the sweep at ``lags`` and ``seeds``, each method at its tuned value
+    (``tuning.json``), that have a ``final_model``."""
     with open(os.path.join(sweep, "tuning.json")) as f:
         tuning = json.load(f)
     out = []
-    root = os.path.join(sweep, "runs")
-    for name in sorted(os.listdir(root)):
-        m = RUN.match(name)
-        if not (m and int(m["lag"]) in lags and m["method"] in tuning):
-            continue
-        lag, seed = int(m["lag"]), int(m["seed"])
-        if name != run_name(m["method"], tuning[m["method"]]["chosen"], lag, seed):
-            continue  # a tuning run with the value not chosen
-        if os.path.isdir(os.path.join(root, name, "final_model")):
-            out.append({"name": name, "method": m["method"], "lag": lag, "seed": seed,
-                        "dir": os.path.join(root, name)})
+    for method, tuned in tuning.items():
+        for lag in lags:
+            for seed in seeds:
+                name = run_name(method, tuned["chosen"], lag, seed)
+                d = os.path.join(sweep, "runs", name)
+                if os.path.isdir(os.path.join(d, "final_model")):
+                    out.append({"name": name, "method": method, "lag": lag, "seed": seed,
+                                "dir": d})
     return out
 
 
@@ -110,6 +105,7 @@ def measure(model_dir: str, records: list[dict], samples: int) -> dict:
 
 def oapl_eval(models: dict[str, str], task: str, prompts: int, out: str) -> dict[str, list]:
     """pass@1..64 of each model through ``oapl eval`` (one engine, the unbiased estimator)."""
+    from oapl.evaluate import model_labels
     from oapl.tasks.bits import write_heldout_jsonl
 
     os.makedirs(out, exist_ok=True)
@@ -122,15 +118,10 @@ def oapl_eval(models: dict[str, str], task: str, prompts: int, out: str) -> dict
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     curves = {}
-    for key, path in models.items():
-        label = f"{os.path.basename(os.path.dirname(path))}-{os.path.basename(path)}"
+    for key, label in zip(models, model_labels(list(models.values()))):
         with open(os.path.join(out, label, "pass_at_k.csv")) as f:
             curves[key] = [float(r["pass_at_k"]) for r in csv.DictReader(f)]
     return curves
-
-
-def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.mean(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def figures(out: str, summary: dict, lags: list[int]) -> None:
@@ -139,15 +130,13 @@ def figures(out: str, summary: dict, lags: list[int]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"oapl": "tab:blue", "grpo_tis": "tab:orange", "grpo_clip": "tab:green",
-              "base": "gray"}
     fig, axes = plt.subplots(1, len(lags), figsize=(5.5 * len(lags), 4.2), squeeze=False)
     base = summary["base"]
     for ax, lag in zip(axes[0], lags):
-        ax.plot(KS, base["exact_pass_at_k"], "--", color=colors["base"], label=LABELS["base"])
+        ax.plot(KS, base["exact_pass_at_k"], "--", color=BASE["color"], label=BASE["label"])
         if "sampled_pass_at_k" in base:
             s = base["sampled_pass_at_k"]
-            ax.plot(range(1, len(s) + 1), s, ".", ms=3, color=colors["base"])
+            ax.plot(range(1, len(s) + 1), s, ".", ms=3, color=BASE["color"])
         for method, by_lag in summary["methods"].items():
             runs = by_lag.get(str(lag), [])
             if not runs:
@@ -156,13 +145,13 @@ def figures(out: str, summary: dict, lags: list[int]) -> None:
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(KS))]
             lo = [min(c[i] for c in curves) for i in range(len(KS))]
             hi = [max(c[i] for c in curves) for i in range(len(KS))]
-            ax.plot(KS, mean, "-o", ms=3, color=colors[method],
-                    label=f"{LABELS[method]} ({len(runs)} seeds)")
-            ax.fill_between(KS, lo, hi, color=colors[method], alpha=0.15)
+            ax.plot(KS, mean, "-o", ms=3, color=COLORS[method],
+                    label=f"{METHODS[method]['label']} ({len(runs)} seeds)")
+            ax.fill_between(KS, lo, hi, color=COLORS[method], alpha=0.15)
             for r in runs:
                 if "sampled_pass_at_k" in r:
                     s = r["sampled_pass_at_k"]
-                    ax.plot(range(1, len(s) + 1), s, ".", ms=3, color=colors[method])
+                    ax.plot(range(1, len(s) + 1), s, ".", ms=3, color=COLORS[method])
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("k")
@@ -176,15 +165,15 @@ def figures(out: str, summary: dict, lags: list[int]) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.axhline(base["entropy_sampled"], ls="--", color=colors["base"], label=LABELS["base"])
+    ax.axhline(base["entropy_sampled"], ls="--", color=BASE["color"], label=BASE["label"])
     methods = list(summary["methods"])
     width = 0.8 / max(1, len(methods))
     for j, method in enumerate(methods):
         for i, lag in enumerate(lags):
             runs = summary["methods"][method].get(str(lag), [])
             xs = [i + (j - (len(methods) - 1) / 2) * width] * len(runs)
-            ax.plot(xs, [r["entropy_sampled"] for r in runs], "o", color=colors[method],
-                    label=LABELS[method] if i == 0 else None)
+            ax.plot(xs, [r["entropy_sampled"] for r in runs], "o", color=COLORS[method],
+                    label=METHODS[method]["label"] if i == 0 else None)
     ax.set_xticks(range(len(lags)), [f"L = {lag}" for lag in lags])
     ax.set_ylabel("per-token entropy along own samples (nats)")
     ax.set_title("Entropy of the final policies (one point per seed)", fontsize=9)
@@ -210,11 +199,11 @@ def table(summary: dict, lags: list[int]) -> str:
             f" [{min(ent):.3f}, {max(ent):.3f}]" if len(ent) > 1 else ""))
         lines.append(f"| {label} | {lag} | {len(runs)} | " + " | ".join(cells) + " |")
 
-    row(LABELS["base"], "-", [summary["base"]])
+    row(BASE["label"], "-", [summary["base"]])
     for lag in lags:
         for method, by_lag in summary["methods"].items():
             if by_lag.get(str(lag)):
-                row(LABELS[method], lag, by_lag[str(lag)])
+                row(METHODS[method]["label"], lag, by_lag[str(lag)])
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sweep", required=True, help="the lag sweep's --out directory")
     p.add_argument("--task", default="thr", choices=["thr", "cmp"])
     p.add_argument("--lags", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--seeds", type=int, nargs="+", default=FULL["seeds"])
     p.add_argument("--out", required=True)
     p.add_argument("--samples", type=int, default=8, help="samples per prompt for the entropy")
     p.add_argument("--eval-prompts", type=int, default=200,
@@ -238,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     records = heldout_records(args.task)
-    runs = finished_runs(args.sweep, args.lags)
+    runs = finished_runs(args.sweep, args.lags, args.seeds)
     if not runs:
         raise SystemExit(f"no finished runs at L in {args.lags} under {args.sweep}/runs")
     base_dir = os.path.join(runs[0]["dir"], "base_model")
