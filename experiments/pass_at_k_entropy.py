@@ -17,6 +17,10 @@ base model the runs share), on the task's 500 held-out prompts (``oapl.tasks.bit
   (``--samples`` per prompt, temperature 1, answer tokens and EOS), and ``entropy_answer`` of
   ``exact_reward`` (after the right prefix).
 
+A rerun reuses the measurements of models already in ``--out/summary.json`` when it was made
+with the same task, ``--samples`` and ``--eval-prompts`` (a finished run's ``final_model`` does
+not change), so adding a method to the sweep measures only its models.
+
 Outputs in ``--out``: ``summary.json``, ``table.md``, ``pass_at_k.png`` (a panel per lag,
 exact curves as mean over seeds with min-max band, sampled seed-0 points), ``entropy.png``.
 """
@@ -207,6 +211,23 @@ def table(summary: dict, lags: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous(out: str, settings: dict) -> dict[str, dict]:
+    """The measurements in ``out/summary.json`` by run name (``"base"`` for the base model),
+    if it was made with ``settings``; else none."""
+    path = os.path.join(out, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("settings") != settings:
+        return {}
+    found = {"base": old["base"]}
+    for by_lag in old["methods"].values():
+        for rs in by_lag.values():
+            found.update({m["name"]: m for m in rs})
+    return found
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sweep", required=True, help="the lag sweep's --out directory")
@@ -232,26 +253,35 @@ def main(argv: list[str] | None = None) -> dict:
     if not runs:
         raise SystemExit(f"no finished runs at L in {args.lags} under {args.sweep}/runs")
     base_dir = os.path.join(runs[0]["dir"], "base_model")
-    summary = {"task": args.task, "prompts": len(records), "ks": KS,
-               "base": measure(base_dir, records, args.samples), "methods": {}}
+    settings = {"task": args.task, "samples": args.samples, "eval_prompts": args.eval_prompts}
+    known = previous(args.out, settings)
+    summary = {"task": args.task, "prompts": len(records), "ks": KS, "settings": settings,
+               "base": known.get("base") or measure(base_dir, records, args.samples),
+               "methods": {}}
     for r in runs:
-        m = measure(os.path.join(r["dir"], "final_model"), records, args.samples)
-        m.update(name=r["name"], seed=r["seed"])
+        m = known.get(r["name"])
+        if m is None:
+            m = measure(os.path.join(r["dir"], "final_model"), records, args.samples)
+            m.update(name=r["name"], seed=r["seed"])
         summary["methods"].setdefault(r["method"], {}).setdefault(str(r["lag"]), []).append(m)
         print(f"{r['name']}: pass@1 {m['exact_pass_at_k'][0]:.3f}, pass@256 "
-              f"{m['exact_pass_at_k'][-1]:.3f}, entropy {m['entropy_sampled']:.3f}", flush=True)
+              f"{m['exact_pass_at_k'][-1]:.3f}, entropy {m['entropy_sampled']:.3f}"
+              + (" (measured before)" if r["name"] in known else ""), flush=True)
     if args.eval_prompts:
         models = {"base": base_dir}
         models.update({r["name"]: os.path.join(r["dir"], "final_model")
                        for r in runs if r["seed"] == 0})
-        with tempfile.TemporaryDirectory() as tmp:
-            curves = oapl_eval(models, args.task, args.eval_prompts, tmp)
-        summary["base"]["sampled_pass_at_k"] = curves.pop("base")
-        for by_lag in summary["methods"].values():
-            for rs in by_lag.values():
-                for m in rs:
-                    if m["name"] in curves:
-                        m["sampled_pass_at_k"] = curves[m["name"]]
+        models = {k: v for k, v in models.items() if "sampled_pass_at_k" not in known.get(k, {})}
+        if models:
+            with tempfile.TemporaryDirectory() as tmp:
+                curves = oapl_eval(models, args.task, args.eval_prompts, tmp)
+            if "base" in curves:
+                summary["base"]["sampled_pass_at_k"] = curves["base"]
+            for by_lag in summary["methods"].values():
+                for rs in by_lag.values():
+                    for m in rs:
+                        if m["name"] in curves:
+                            m["sampled_pass_at_k"] = curves[m["name"]]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:

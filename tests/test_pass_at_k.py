@@ -50,9 +50,8 @@ def test_labels_and_table():
     assert table.splitlines()[-1].split() == ["6", "0.600", "0.900"]
 
 
-def test_exact_curve_is_the_estimators_expectation():
-    """experiments/pass_at_k_entropy.py plots 1 - (1 - p)^k from the policy's exact success
-    probability p: the expectation of the unbiased estimator over c ~ Binomial(n, p)."""
+def _pass_at_k_entropy():
+    """experiments/pass_at_k_entropy.py, loaded as a module."""
     import importlib.util
     import os
 
@@ -61,7 +60,31 @@ def test_exact_curve_is_the_estimators_expectation():
     spec = importlib.util.spec_from_file_location("pass_at_k_entropy", path)
     pke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pke)
+    return pke
+
+
+def test_exact_curve_is_the_estimators_expectation():
+    """experiments/pass_at_k_entropy.py plots 1 - (1 - p)^k from the policy's exact success
+    probability p: the expectation of the unbiased estimator over c ~ Binomial(n, p)."""
+    pke = _pass_at_k_entropy()
     n, ps, ks = 12, [0.0, 0.03, 0.4, 1.0], [1, 2, 5, 12]
     expected = [sum(math.comb(n, c) * p**c * (1 - p) ** (n - c) * pass_at_k(n, c, k)
                     for c in range(n + 1) for p in ps) / len(ps) for k in ks]
     assert pke.exact_pass_at_k(ps, ks) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rerun_reuses_only_measurements_made_the_same_way(tmp_path):
+    """A rerun of experiments/pass_at_k_entropy.py keeps the models measured before, by run
+    name, only when the task, samples and eval prompts match."""
+    import json
+
+    pke = _pass_at_k_entropy()
+    settings = {"task": "thr", "samples": 8, "eval_prompts": 200}
+    run = {"name": "oapl_beta2=0.1_L1_s0", "expected_reward": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"settings": settings, "base": {"expected_reward": 0.01},
+         "methods": {"oapl": {"1": [run]}}}))
+    assert pke.previous(str(tmp_path), settings) == {"base": {"expected_reward": 0.01},
+                                                     run["name"]: run}
+    assert pke.previous(str(tmp_path), dict(settings, samples=4)) == {}
+    assert pke.previous(str(tmp_path / "elsewhere"), settings) == {}
