@@ -392,7 +392,7 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
     for m in methods:
         v = tuning[m]["chosen"]
         for lag in lags:
-            pol, samp, first, last10, base, walls, seeds = [], [], [], [], [], [], []
+            pol, samp, first, last10, base, walls, step_s, seeds = [], [], [], [], [], [], [], []
             for s in plan["seeds"]:
                 d = os.path.join(out, "runs", run_name(m, v, lag, s))
                 r = read_rewards(d)
@@ -408,6 +408,8 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                 last10.append(sum(r[-10:]) / 10)
                 seeds.append(s)
                 walls.append(run_wall_s(d))
+                clock = run_clock(d)[: plan["steps"]]
+                step_s.append(statistics.median(b - a for a, b in zip(clock, clock[1:])))
             if not seeds:
                 continue
             rows.append({
@@ -416,6 +418,8 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                 "base_policy": statistics.fmean(base),
                 "first10": statistics.fmean(first), "last10": statistics.fmean(last10),
                 "run_wall_s_mean": statistics.fmean(walls),
+                # mean over seeds of each run's median step: robust to a load spike
+                "step_s_median": statistics.fmean(step_s),
             })
     summary = {"steps": plan["steps"], "final_window": FINAL_WINDOW, "seeds": plan["seeds"],
                "lags": lags, "tuning": tuning, "rows": rows, "sweep_wall_s": wall_s,
@@ -438,8 +442,8 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                         " ".join(f"{x:.4f}" for x in q["values"])])
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("| method | L | seeds | final policy reward: mean +/- std [min, max] | per seed "
-                "| sampler reward, last 20 steps | first 10 steps | run wall s |\n"
-                "|---|---:|---:|---|---|---|---:|---:|\n")
+                "| sampler reward, last 20 steps | first 10 steps | run wall s | median step s |\n"
+                "|---|---:|---:|---|---|---|---:|---:|---:|\n")
         for r in rows:
             p, q = r["policy"], r["sampler"]
             v = r["value"]
@@ -449,7 +453,7 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                     f"[{p['min']:.3f}, {p['max']:.3f}] | "
                     + ", ".join(f"{x:.2f}" for x in p["values"])
                     + f" | {q['mean']:.3f} +/- {q['std']:.3f} | {r['first10']:.3f} | "
-                    f"{r['run_wall_s_mean']:.0f} |\n")
+                    f"{r['run_wall_s_mean']:.0f} | {r['step_s_median']:.2f} |\n")
     if rows:
         _figure(out, plan, methods, lags, rows, curves)
         _wall_figure(out, plan, [m for m in ("oapl", "oapl_ahead") if m in methods], lags,

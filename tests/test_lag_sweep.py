@@ -33,6 +33,8 @@ def test_quick_lag_sweep_both_methods_learn(tmp_path):
         assert r["last10"] > r["first10"] + MARGIN, (method, lag, r)
         # The trained weights themselves (exact expected reward) beat the initial ones.
         assert r["policy"]["mean"] > r["base_policy"] + MARGIN, (method, lag, r)
+        # The median step is at most twice the run's mean step (start-up and stalls excluded).
+        assert 0 < r["step_s_median"] < 2 * r["run_wall_s_mean"] / 80, (method, lag, r)
     assert (out / "lag_sweep.png").stat().st_size > 10_000
     assert (out / "summary.csv").read_text().count("\n") == 1 + len(rows)
 
