@@ -456,8 +456,9 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                     f"{r['run_wall_s_mean']:.0f} | {r['step_s_median']:.2f} |\n")
     if rows:
         _figure(out, plan, methods, lags, rows, curves)
-        _wall_figure(out, plan, [m for m in ("oapl", "oapl_ahead") if m in methods], lags,
-                     tuning)
+        timed = [m for m in ("oapl", "oapl_ahead") if m in methods]
+        _wall_figure(out, plan, timed, lags, tuning)
+        _wall_table(out, plan, timed, lags, tuning)
     return summary
 
 
@@ -479,6 +480,33 @@ def run_clock(run_dir: str) -> list[float]:
             t += g if g < 20 * typical else typical  # a restart: count one ordinary step
         clock.append(t)
     return clock
+
+
+REACH = 0.9  # wall_time.md: when the sampler's 10-step mean reward first reaches this
+
+
+def _wall_table(out, plan, methods, lags, tuning) -> None:
+    """wall_time.md: per run of ``methods``, its median step time, and the step and wall time
+    at which the sampler's 10-step mean reward first reached REACH ("-": never)."""
+    if len(methods) < 2:
+        return
+    lines = ["| method | L | seed | median step s | run wall s | first step at "
+             f"{REACH} | its wall time s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for lag in lags:
+        for m in methods:
+            for s in plan["seeds"]:
+                d = os.path.join(out, "runs", run_name(m, tuning[m]["chosen"], lag, s))
+                r = read_rewards(d)[: plan["steps"]]
+                if len(r) < plan["steps"]:
+                    continue
+                clock = run_clock(d)[: plan["steps"]]
+                step = statistics.median(b - a for a, b in zip(clock, clock[1:]))
+                hit = next((i for i, x in enumerate(_smooth(r, 10)) if x >= REACH), None)
+                when = ("- | -" if hit is None else f"{hit + 1} | {clock[hit]:.0f}")
+                lines.append(f"| {METHODS[m]['label']} | {lag} | {s} | {step:.2f} | "
+                             f"{run_wall_s(d):.0f} | {when} |")
+    with open(os.path.join(out, "wall_time.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _wall_figure(out, plan, methods, lags, tuning) -> None:
