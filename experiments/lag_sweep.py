@@ -408,8 +408,7 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                 last10.append(sum(r[-10:]) / 10)
                 seeds.append(s)
                 walls.append(run_wall_s(d))
-                clock = run_clock(d)[: plan["steps"]]
-                step_s.append(statistics.median(b - a for a, b in zip(clock, clock[1:])))
+                step_s.append(median_step_s(run_clock(d)[: plan["steps"]]))
             if not seeds:
                 continue
             rows.append({
@@ -418,8 +417,7 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
                 "base_policy": statistics.fmean(base),
                 "first10": statistics.fmean(first), "last10": statistics.fmean(last10),
                 "run_wall_s_mean": statistics.fmean(walls),
-                # mean over seeds of each run's median step: robust to a load spike
-                "step_s_median": statistics.fmean(step_s),
+                "step_s_median": statistics.fmean(step_s),  # mean over the seeds
             })
     summary = {"steps": plan["steps"], "final_window": FINAL_WINDOW, "seeds": plan["seeds"],
                "lags": lags, "tuning": tuning, "rows": rows, "sweep_wall_s": wall_s,
@@ -457,8 +455,9 @@ def report(out: str, plan: dict, tuning: dict, wall_s: float | None = None) -> d
     if rows:
         _figure(out, plan, methods, lags, rows, curves)
         timed = [m for m in ("oapl", "oapl_ahead") if m in methods]
-        _wall_figure(out, plan, timed, lags, tuning)
-        _wall_table(out, plan, timed, lags, tuning)
+        if len(timed) == 2:
+            _wall_figure(out, plan, timed, lags, tuning)
+            _wall_table(out, plan, timed, lags, tuning)
     return summary
 
 
@@ -482,37 +481,42 @@ def run_clock(run_dir: str) -> list[float]:
     return clock
 
 
+def median_step_s(clock: list[float]) -> float:
+    """The median time of one step (s) of a ``run_clock``: robust to a load spike."""
+    return statistics.median(b - a for a, b in zip(clock, clock[1:]))
+
+
+def _timed_runs(out, plan, methods, lag, tuning):
+    """Yield (method, seed, run dir, rewards, clock) for each complete run of ``methods`` at
+    ``lag``, rewards and clock cut to the plan's steps."""
+    for m in methods:
+        for s in plan["seeds"]:
+            d = os.path.join(out, "runs", run_name(m, tuning[m]["chosen"], lag, s))
+            r = read_rewards(d)
+            if len(r) >= plan["steps"]:
+                yield m, s, d, r[: plan["steps"]], run_clock(d)[: plan["steps"]]
+
+
 REACH = 0.9  # wall_time.md: when the sampler's 10-step mean reward first reaches this
 
 
 def _wall_table(out, plan, methods, lags, tuning) -> None:
     """wall_time.md: per run of ``methods``, its median step time, and the step and wall time
     at which the sampler's 10-step mean reward first reached REACH ("-": never)."""
-    if len(methods) < 2:
-        return
     lines = ["| method | L | seed | median step s | run wall s | first step at "
              f"{REACH} | its wall time s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for lag in lags:
-        for m in methods:
-            for s in plan["seeds"]:
-                d = os.path.join(out, "runs", run_name(m, tuning[m]["chosen"], lag, s))
-                r = read_rewards(d)[: plan["steps"]]
-                if len(r) < plan["steps"]:
-                    continue
-                clock = run_clock(d)[: plan["steps"]]
-                step = statistics.median(b - a for a, b in zip(clock, clock[1:]))
-                hit = next((i for i, x in enumerate(_smooth(r, 10)) if x >= REACH), None)
-                when = ("- | -" if hit is None else f"{hit + 1} | {clock[hit]:.0f}")
-                lines.append(f"| {METHODS[m]['label']} | {lag} | {s} | {step:.2f} | "
-                             f"{run_wall_s(d):.0f} | {when} |")
+        for m, s, d, r, clock in _timed_runs(out, plan, methods, lag, tuning):
+            hit = next((i for i, x in enumerate(_smooth(r, 10)) if x >= REACH), None)
+            when = ("- | -" if hit is None else f"{hit + 1} | {clock[hit]:.0f}")
+            lines.append(f"| {METHODS[m]['label']} | {lag} | {s} | {median_step_s(clock):.2f} "
+                         f"| {run_wall_s(d):.0f} | {when} |")
     with open(os.path.join(out, "wall_time.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 def _wall_figure(out, plan, methods, lags, tuning) -> None:
     """Sampler reward (10-step mean) against wall time, OAPL inline against ahead, per lag."""
-    if len(methods) < 2:
-        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,15 +524,9 @@ def _wall_figure(out, plan, methods, lags, tuning) -> None:
 
     fig, axes = plt.subplots(1, len(lags), figsize=(4.4 * len(lags), 3.5), squeeze=False)
     for ax, lag in zip(axes[0], lags):
-        for m in methods:
-            for s in plan["seeds"]:
-                d = os.path.join(out, "runs", run_name(m, tuning[m]["chosen"], lag, s))
-                r = read_rewards(d)
-                if len(r) < plan["steps"]:
-                    continue
-                ax.plot(run_clock(d)[: plan["steps"]], _smooth(r[: plan["steps"]], 10),
-                        color=COLORS[m], alpha=0.8, lw=1,
-                        label=METHODS[m]["label"] if s == plan["seeds"][0] else None)
+        for m, s, _, r, clock in _timed_runs(out, plan, methods, lag, tuning):
+            ax.plot(clock, _smooth(r, 10), color=COLORS[m], alpha=0.8, lw=1,
+                    label=METHODS[m]["label"] if s == plan["seeds"][0] else None)
         ax.set_title(f"L = {lag}", fontsize=9)
         ax.set_xlabel("wall time of the steps (s)")
         ax.set_ylabel("sampler reward (10-step mean)", fontsize=8)

@@ -211,6 +211,11 @@ def table(summary: dict, lags: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_measurements(summary: dict) -> list[dict]:
+    """Every run's measurements in a summary (the base model's apart)."""
+    return [m for by_lag in summary["methods"].values() for rs in by_lag.values() for m in rs]
+
+
 def previous(out: str, settings: dict) -> dict[str, dict]:
     """The measurements in ``out/summary.json`` by run name (``"base"`` for the base model),
     if it was made with ``settings``; else none."""
@@ -221,11 +226,7 @@ def previous(out: str, settings: dict) -> dict[str, dict]:
         old = json.load(f)
     if old.get("settings") != settings:
         return {}
-    found = {"base": old["base"]}
-    for by_lag in old["methods"].values():
-        for rs in by_lag.values():
-            found.update({m["name"]: m for m in rs})
-    return found
+    return {"base": old["base"], **{m["name"]: m for m in run_measurements(old)}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -277,11 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
                 curves = oapl_eval(models, args.task, args.eval_prompts, tmp)
             if "base" in curves:
                 summary["base"]["sampled_pass_at_k"] = curves["base"]
-            for by_lag in summary["methods"].values():
-                for rs in by_lag.values():
-                    for m in rs:
-                        if m["name"] in curves:
-                            m["sampled_pass_at_k"] = curves[m["name"]]
+            for m in run_measurements(summary):
+                if m["name"] in curves:
+                    m["sampled_pass_at_k"] = curves[m["name"]]
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
