@@ -61,7 +61,8 @@ def raw_engine(engine, tiny_model_dir):
 
 
 # Tests that start a real vLLM engine (through these fixtures, or in a subprocess) carry the
-# `vllm` marker, so that `pytest -m "not vllm"` runs the kernels and the rest alone.
+# `vllm` marker, so that `pytest -m "not vllm"` runs the kernels and the rest alone; they and
+# the multi-process tests are also `slow`, so `pytest -m "not slow"` is the quick loop.
 ENGINE_FIXTURES = {"engine", "raw_engine"}
 
 
@@ -69,3 +70,5 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.vllm)
+        if item.get_closest_marker("vllm") or item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
