@@ -5,9 +5,12 @@ STAMP := .venv/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 .PHONY: demo test bench gpu-suite clean
 
 $(STAMP): setup.py Makefile
-	# bubblewrap sandboxes model-written code (data.reward: code); apt-get it where we can (root).
-	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
-		{ apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } \
+	# bubblewrap (and libseccomp2 for its seccomp filter) sandboxes model-written code
+	# (data.reward: code); apt-get them where we can (root).
+	@{ command -v bwrap && ldconfig -p | grep -q libseccomp.so.2; } >/dev/null || \
+		[ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get install -y -qq bubblewrap libseccomp2 || \
+		  { apt-get update -qq && apt-get install -y -qq bubblewrap libseccomp2; }; } \
 		>/dev/null 2>&1 || echo "note: could not install bubblewrap; the code reward needs bwrap"
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip

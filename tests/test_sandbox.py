@@ -5,6 +5,7 @@ sleeping forks, allocations that are never touched), so a sandbox bug cannot tak
 
 import json
 import os
+import platform
 import shutil
 import socket
 import time
@@ -22,8 +23,9 @@ pytestmark = pytest.mark.skipif(sandbox.sandbox_problem() is not None,
 QUICK = Limits(timeout_s=5)
 
 
-def python(code: str, limits: Limits = QUICK, stdin: bytes = b"") -> sandbox.RunResult:
-    return run_program([SANDBOX_PYTHON, "-I", "-c", code], stdin, limits)
+def python(code: str, limits: Limits = QUICK, stdin: bytes = b"",
+           args: tuple[str, ...] = ()) -> sandbox.RunResult:
+    return run_program([SANDBOX_PYTHON, "-I", "-c", code, *args], stdin, limits)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -123,6 +125,64 @@ def test_output_is_capped():
     assert len(r.stdout) == Limits().max_output_bytes and r.duration_s < 10
     r = python("import sys\nsys.stderr.write('e' * 100)\nprint('fine')")
     assert r.stdout == b"fine\n" and r.stderr == b"e" * 100 and not r.stdout_truncated
+
+
+SYSCALL_PROBE = """
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+nr = json.loads(sys.argv[1])
+def call(name, *args):
+    ret = libc.syscall(nr[name], *args)
+    return os.strerror(ctypes.get_errno()) if ret < 0 else ret
+session = ctypes.c_long(-3)  # KEY_SPEC_SESSION_KEYRING
+print(json.dumps({
+    "read the caller's key": call("request_key", b"user", sys.argv[2].encode(), None, 0),
+    "add a key": call("add_key", b"user", b"oapl-run", b"planted", 7, session),
+    "read a key of an earlier run": call("request_key", b"user", b"oapl-run", None, 0),
+    "keyctl": call("keyctl", 0, session, 0),  # KEYCTL_GET_KEYRING_ID
+    "io_uring_setup": call("io_uring_setup", 4, None),
+    "perf_event_open": call("perf_event_open", None, 0, -1, -1, 0),
+    "bpf": call("bpf", 0, None, 0),
+    "ptrace": call("ptrace", 16, 1, 0, 0),  # PTRACE_ATTACH to pid 1
+    "unshare": call("unshare", 0x40000000),  # CLONE_NEWNET
+}))
+"""
+
+
+def test_keyrings_and_risky_syscalls_are_denied():
+    """The caller's session keyring (which every child inherits) is out of reach, so one run
+    can neither read the caller's keys nor leave one for the next; io_uring, perf_event_open,
+    bpf, ptrace and unshare fail too, while threads, fork and subprocesses work."""
+    import ctypes
+
+    import pyseccomp
+
+    names = ("request_key", "add_key", "keyctl", "io_uring_setup", "perf_event_open", "bpf",
+             "ptrace", "unshare")
+    nr = {n: pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, n) for n in names}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    secret = f"oapl-secret-{os.urandom(4).hex()}"
+    # A session keyring of the test's own (children inherit it), holding a key.
+    assert libc.syscall(nr["keyctl"], 1, f"oapl-test-{os.getpid()}".encode()) > 0
+    assert libc.syscall(nr["add_key"], b"user", secret.encode(), b"x", 1, ctypes.c_long(-3)) > 0
+    runs = [json.loads(python(SYSCALL_PROBE, args=[json.dumps(nr), secret]).stdout)
+            for _ in range(2)]
+    for seen in runs:
+        assert seen == {name: "Operation not permitted" for name in seen}, seen
+    r = python("import os, subprocess, threading\n"
+               "t = threading.Thread(target=print, args=('thread',)); t.start(); t.join()\n"
+               "print(subprocess.run(['/bin/echo', 'child'], capture_output=True).stdout)\n"
+               "pid = os.fork()\n"
+               "os._exit(3) if pid == 0 else print(os.waitpid(pid, 0)[1] >> 8)\n")
+    assert r.stdout == b"thread\nb'child\\n'\n3\n", r
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x32 ABI is x86_64's")
+def test_a_foreign_architecture_syscall_kills():
+    r = python("import ctypes\nctypes.CDLL(None).syscall(0x40000000 | 39)\nprint('alive')")  # x32
+    assert r.returncode == 128 + 31 and r.stdout == b""  # SIGSYS, as bwrap passes it on
 
 
 def test_no_network():
