@@ -35,5 +35,9 @@ setup(
         "bench": ["pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
         "gpu": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["oapl=oapl.cli:main"]},
+    entry_points={
+        "console_scripts": ["oapl=oapl.cli:main"],
+        # vLLM loads these in each of its processes: the CPU weight-transfer backend "gloo".
+        "vllm.general_plugins": ["oapl_gloo = oapl.engine.vllm_gloo:register"],
+    },
 )
