@@ -32,11 +32,13 @@ Where bwrap cannot run (not Linux, not installed, no user namespaces), ``run_pro
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -52,8 +54,9 @@ log = logging.getLogger(__name__)
 
 # The Python that sandboxed programs run on: it must live under the read-only /usr.
 SANDBOX_PYTHON = "/usr/bin/python3"
-UID_BASE = 1 << 20  # run uids: UID_BASE + (pid % 2048) * UID_SLOTS + slot (root only)
-UID_SLOTS = 512  # concurrent runs per process
+UID_BASE = 1 << 20  # the first run uid (root only)
+UID_COUNT = 1 << 16  # run uids from UID_BASE: concurrent runs on this machine
+UID_CLAIMS = os.path.join(tempfile.gettempdir(), "oapl-sandbox-uids")  # one lock file per uid
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the whole environment of a run
 _TOOL_ERRORS = (b"bwrap: ", b"setpriv: ", b"prlimit: ")  # the sandbox failed, not the program
 _READ = 1 << 16
@@ -113,10 +116,14 @@ class RunResult:
     sandboxed: bool  # False only when run without isolation (``allow_unsandboxed``)
 
 
-@lru_cache(maxsize=None)
 def sandbox_problem() -> str | None:
-    """Why programs cannot run sandboxed here, or None when they can: checks the platform and
-    the tools on PATH, then makes one trial run (which fails, e.g., without user namespaces)."""
+    """Why programs cannot run sandboxed here, or None when they can: checks the platform,
+    the tools on PATH and the seccomp filter, then makes a trial run (which fails, e.g.,
+    without user namespaces). Only success is remembered: after a failure the next call
+    checks again, so one failed trial does not send later runs out of the sandbox."""
+    global _worked
+    if _worked:
+        return None
     if not sys.platform.startswith("linux"):
         return f"the sandbox (bubblewrap) needs Linux, this is {sys.platform}"
     tools = ("bwrap", "prlimit", "setpriv") if os.geteuid() == 0 else ("bwrap", "prlimit")
@@ -135,7 +142,11 @@ def sandbox_problem() -> str | None:
     if trial.stdout != b"ok\n":
         err = trial.stderr.decode(errors="replace").strip()[:300]
         return f"a trial bwrap run failed (exit {trial.returncode}): {err}"
+    _worked = True
     return None
+
+
+_worked = False  # a trial run succeeded in this process
 
 
 _warned = threading.Lock()
@@ -173,7 +184,7 @@ def run_program(
 
 def _run(argv: list[str], stdin: bytes, limits: Limits, sandboxed: bool) -> RunResult:
     """One run, sandboxed or (opted into) only under the rlimits in a temporary directory."""
-    lease = _UIDS.lease() if sandboxed and os.geteuid() == 0 else nullcontext(None)
+    lease = uid_lease() if sandboxed and os.geteuid() == 0 else nullcontext(None)
     workdir = nullcontext("/") if sandboxed else tempfile.TemporaryDirectory(prefix="oapl-run-")
     with lease as uid, workdir as cwd, _filter_fd(sandboxed) as seccomp_fd:
         cmd = (_command(argv, limits, uid, seccomp_fd) if sandboxed
@@ -340,7 +351,11 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def processes_of(uids: Container[int]) -> list[int]:
     """Pids of the live (not zombie) processes whose real uid is in ``uids``."""
-    pids = []
+    return [pid for pid, uid in _live_processes() if uid in uids]
+
+
+def _live_processes() -> Iterator[tuple[int, int]]:
+    """(pid, real uid) of every live (not zombie) process."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -349,15 +364,14 @@ def processes_of(uids: Container[int]) -> list[int]:
                 fields = dict(line.split(":", 1) for line in f if line.startswith(("State", "Uid")))
         except (OSError, ValueError):
             continue
-        if int(fields["Uid"].split()[0]) in uids and fields["State"].split()[0] not in "ZX":
-            pids.append(int(entry))
-    return pids
+        if fields["State"].split()[0] not in "ZX":
+            yield int(entry), int(fields["Uid"].split()[0])
 
 
-def own_uids() -> range:
-    """The uids that this process's sandboxed runs use (as root)."""
-    start = UID_BASE + (os.getpid() % 2048) * UID_SLOTS
-    return range(start, start + UID_SLOTS)
+def own_uids() -> frozenset[int]:
+    """The uids that this process's sandboxed runs have used (as root)."""
+    with _UIDS_LOCK:
+        return frozenset(_USED_UIDS)
 
 
 def _task_count(uid: int) -> int:
@@ -371,35 +385,54 @@ def _task_count(uid: int) -> int:
     return count
 
 
-class _UidPool:
-    """A uid of its own for each concurrent sandboxed run (root only)."""
+_UIDS_LOCK = threading.Lock()
+_USED_UIDS: set[int] = set()
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._busy: set[int] = set()
 
-    @contextmanager
-    def lease(self, gone_timeout_s: float = 10.0) -> Iterator[int]:
-        """A free uid for one run; it is given back once no process of it is alive (a uid
-        whose processes outlive the timeout is never reused)."""
-        with self._lock:
-            slot = next((s for s in range(UID_SLOTS) if s not in self._busy), None)
-            if slot is None:
-                raise SandboxError(f"more than {UID_SLOTS} concurrent sandboxed runs")
-            self._busy.add(slot)
-        uid = own_uids()[slot]
+@contextmanager
+def uid_lease(gone_timeout_s: float = 10.0) -> Iterator[int]:
+    """A uid of its own for one run (root only), unique on this machine: the lowest uid from
+    ``UID_BASE`` whose claim file (under ``UID_CLAIMS``) no other run holds locked (an
+    ``flock``, which the kernel drops when its holder dies) and that no live process has. It
+    is given back once none of its processes is alive; one whose processes outlive
+    ``gone_timeout_s`` stays claimed for this process's lifetime."""
+    claims = _claims_dir()
+    busy = {uid for _, uid in _live_processes()}
+    for uid in range(UID_BASE, UID_BASE + UID_COUNT):
+        if uid in busy:
+            continue
+        fd = os.open(os.path.join(claims, str(uid)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
         try:
-            yield uid
-        finally:
-            deadline = time.monotonic() + gone_timeout_s
-            while processes_of((uid,)) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if processes_of((uid,)):
-                log.error("sandbox uid %d still has processes %s; not reusing it",
-                          uid, processes_of((uid,)))
-            else:
-                with self._lock:
-                    self._busy.discard(slot)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            os.close(fd)
+    else:
+        raise SandboxError(f"all {UID_COUNT} sandbox uids from {UID_BASE} are in use")
+    with _UIDS_LOCK:
+        _USED_UIDS.add(uid)
+    try:
+        yield uid
+    finally:
+        deadline = time.monotonic() + gone_timeout_s
+        while processes_of((uid,)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if processes_of((uid,)):
+            log.error("sandbox uid %d still has processes %s; not reusing it",
+                      uid, processes_of((uid,)))
+        else:
+            os.close(fd)
 
 
-_UIDS = _UidPool()
+def _claims_dir() -> str:
+    """``UID_CLAIMS``, made (root's, mode 0700) when missing; refused when anyone else could
+    write to it."""
+    try:
+        os.mkdir(UID_CLAIMS, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(UID_CLAIMS)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise SandboxError(f"{UID_CLAIMS} must be a directory of root's that only root writes")
+    return UID_CLAIMS

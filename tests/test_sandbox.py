@@ -8,6 +8,8 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import warnings
 
@@ -221,15 +223,18 @@ def test_environment_is_scrubbed(monkeypatch):
 
 
 @pytest.fixture
-def no_bwrap(monkeypatch):
+def fresh_probe(monkeypatch):
+    """A process in which no trial run has succeeded yet and nothing was warned, for one test."""
+    monkeypatch.setattr(sandbox, "_worked", False)
+    monkeypatch.setattr(sandbox, "_warned_once", [])
+
+
+@pytest.fixture
+def no_bwrap(monkeypatch, fresh_probe):
     """A machine without bwrap on PATH, for one test."""
     which = shutil.which
     monkeypatch.setattr(sandbox.shutil, "which",
                         lambda name, *a, **k: None if name == "bwrap" else which(name, *a, **k))
-    monkeypatch.setattr(sandbox, "_warned_once", [])
-    sandbox.sandbox_problem.cache_clear()
-    yield
-    sandbox.sandbox_problem.cache_clear()
 
 
 def test_refuses_without_bwrap_unless_opted_out(no_bwrap):
@@ -245,3 +250,56 @@ def test_refuses_without_bwrap_unless_opted_out(no_bwrap):
         r = run_program([SANDBOX_PYTHON, "-c", "while True: pass"], b"",
                         Limits(timeout_s=1), allow_unsandboxed=True)
     assert r.timed_out and not r.sandboxed
+
+
+def test_one_failed_trial_does_not_unsandbox_later_runs(fresh_probe, monkeypatch):
+    real_run, calls = sandbox._run, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise sandbox.SandboxError("bwrap: a transient failure")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(sandbox, "_run", fails_once)
+    with pytest.warns(RuntimeWarning, match="WITHOUT isolation.*transient"):
+        assert not sandbox.check_sandbox(allow_unsandboxed=True)
+    assert sandbox.check_sandbox(allow_unsandboxed=True)  # tried again: it works now
+    assert run_program([SANDBOX_PYTHON, "-c", "print(1)"], allow_unsandboxed=True).sandboxed
+    trials = len(calls)
+    assert sandbox.check_sandbox() and len(calls) == trials  # success is remembered
+
+
+HOLD_A_UID = """
+import os, sys
+os.getpid = lambda: 4242  # a process whose pid equals the test's modulo anything
+from oapl import sandbox
+with sandbox.uid_lease() as uid:
+    print(uid, flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per run needs root")
+def test_run_uids_are_unique_across_processes(monkeypatch):
+    """Two scoring processes (here with the same pid as far as either can tell) never share a
+    run uid, and a uid that a live process already has is skipped."""
+    monkeypatch.setattr(sandbox.os, "getpid", lambda: 4242)
+    with subprocess.Popen([sys.executable, "-c", HOLD_A_UID], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as other:
+        try:
+            theirs = int(other.stdout.readline())
+            with sandbox.uid_lease() as mine:
+                assert mine != theirs
+                sleeper = subprocess.Popen(["setpriv", f"--reuid={mine + 1}", "--regid=0",
+                                            "--clear-groups", "sleep", "30"])
+                try:
+                    time.sleep(0.2)
+                    with sandbox.uid_lease() as next_one:
+                        assert next_one not in (mine, theirs, mine + 1)
+                finally:
+                    sleeper.kill()
+                    sleeper.wait()
+        finally:
+            other.communicate("")
+    assert other.returncode == 0
