@@ -23,7 +23,8 @@ LAG_LOGPROBS = ("sampler", "recompute")
 LOGGERS = ("tensorboard", "wandb")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 GRPO_OLD = ("sampler", "detached")
-WEIGHT_TRANSFERS = ("shared_memory", "nccl")
+WEIGHT_TRANSFERS = ("shared_memory", "nccl", "gloo")
+ON_SERVER_FAILURE = ("stop", "reroute")
 
 
 @dataclass
@@ -98,6 +99,17 @@ class GenerationConfig:
     # memory; nccl: a GPU copy broadcast over vLLM's NCCL weight transfer (trainer on a CUDA
     # device, the engine on others). See oapl/engine/weight_transfer.py.
     weight_transfer: str = "shared_memory"
+    # vLLM servers instead of an engine of this process (oapl/sources/servers.py, and
+    # docs/TRAINING.md, "vLLM servers"): ``servers``, base URLs of servers started by hand (any
+    # host), or ``replicas: N`` local servers that oapl starts and stops itself. They follow
+    # the ``ahead`` schedule and take pushes through vLLM's weight routes: weight_transfer gloo
+    # (servers on CPUs) or nccl (on GPUs).
+    servers: list[str] = field(default_factory=list)
+    replicas: int = 0
+    transfer_address: str = "127.0.0.1"  # where the servers reach the trainer's weight group
+    # A server failing mid-run: stop (exit 1), or reroute (its groups sampled on the others
+    # with the same seeds, counted in rerouted_groups).
+    on_server_failure: str = "stop"
 
 
 @dataclass
@@ -218,7 +230,8 @@ class Config:
         if g.ahead and d.rollouts is not None:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
-        if g.weight_transfer == "nccl":
+        _check_servers(g, d)
+        if g.weight_transfer == "nccl" and not uses_servers(g):
             _check_nccl_transfer(g.ahead, t.device)
         for key, value in [("data.reward_workers", d.reward_workers),
                            ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
@@ -266,6 +279,32 @@ class Config:
 def _or_one(value: int | None) -> int:
     """``value``, or 1 (valid) for an unset optional limit."""
     return 1 if value is None else value
+
+
+def uses_servers(g: GenerationConfig) -> bool:
+    """Whether generation runs on vLLM servers (``generation.servers`` or ``replicas``)."""
+    return bool(g.servers) or g.replicas > 0
+
+
+def _check_servers(g: GenerationConfig, d: DataConfig) -> None:
+    """``generation.servers`` / ``replicas``: one or the other, with a network transport."""
+    _choice("generation.on_server_failure", g.on_server_failure, ON_SERVER_FAILURE)
+    if g.replicas < 0:
+        raise ValueError(f"generation.replicas must be >= 0, got {g.replicas}")
+    if g.servers and g.replicas:
+        raise ValueError("set generation.servers (servers started by hand) or generation.replicas "
+                         "(servers oapl starts), not both")
+    if not uses_servers(g):
+        if g.weight_transfer == "gloo":
+            raise ValueError("generation.weight_transfer=gloo sends to vLLM servers: set "
+                             "generation.servers or generation.replicas")
+        return
+    if g.weight_transfer not in ("gloo", "nccl"):
+        raise ValueError("vLLM servers take weights over the network: set "
+                         "generation.weight_transfer=gloo (servers on CPUs) or nccl (on GPUs)")
+    if d.rollouts is not None:
+        raise ValueError("generation.servers/replicas sample with engines: leave data.rollouts "
+                         "unset")
 
 
 def _check_nccl_transfer(ahead: int, device: str) -> None:
