@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from oapl.config import load_config  # noqa: E402
 from oapl.metrics import read_metrics  # noqa: E402
-from oapl.sources.ahead import lag_bound  # noqa: E402
+from oapl.sources.schedule import lag_bound  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
 

@@ -6,11 +6,12 @@ Layers, each importing only those below it:
   the commands;
 - ``loop``: the one step loop over a batch source; ``run``: run directory, seeds, threads,
   loggers, final export;
-- ``sources``: where batches come from (an engine inline, a rollout file);
-- ``engine``: vLLM (the generator, its child process); ``training``: policy, trainers,
-  checkpoints;
+- ``sources``: where batches come from (an engine inline or in its worker process, a rollout
+  file): scored rollouts out, weights in, no trainer;
+- ``engine``: vLLM (the generator, the worker's messages, the weight transports);
+  ``training``: policy, trainers, checkpoints;
 - ``tasks`` (records and their default reward), ``rewards`` (scorers), ``prompts``,
-  ``batch`` (the types that flow: Rollout, TrainBatch, collation, scoring);
+  ``batch`` (the types that flow: Rollout, ScoredBatch, TrainBatch, collation, scoring);
 - ``config``, ``metrics``, ``plot``, ``model_dir`` / ``model_source`` / ``tiny`` (models).
 
 Heavy imports (torch, vLLM) happen in the modules that need them.

@@ -1,6 +1,7 @@
-"""The types that flow through a run: ``Rollout`` (one sampled completion), ``TrainBatch``
-(rollouts as padded tensors), ``collate`` (the one to the other) and ``score_all`` (a reward
-function over a batch, failures counted). The engine, the sources, the trainer, rollout files
+"""The types that flow through a run: ``Rollout`` (one sampled completion), ``ScoredBatch``
+(a batch of rollouts with their rewards, as a source hands it out), ``TrainBatch`` (rollouts as
+padded tensors), ``collate`` (the one to the other) and ``score_all`` (a reward function over a
+batch, failures counted). The engine, the sources, the trainer, rollout files
 and evaluation all import them from here.
 
 Names: ``sampler_logprobs`` are the engine's own per-token log-probs of the tokens it sampled
@@ -14,7 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -36,6 +37,25 @@ class Rollout:
     logprobs: list[float]
     finish_reason: str
     version: int
+
+
+@dataclass
+class ScoredBatch:
+    """One batch of groups as a source hands it out (picklable: no tensors): its ``rollouts``
+    (in group order; each row's ``version`` is the policy version that sampled it), their
+    ``rewards``, which reward calls ``failed``, and ``values``, a precomputed V* per row (a
+    rollout file's) or None. ``timings``: seconds the trainer's process spent on it
+    (``generate_s``, ``score_s`` inline, ``wait_s`` when the engine runs in its own process),
+    spread over the batch's minibatch steps and counted in their step time; ``metrics``: other
+    per-step values added to each of its steps' records as they are (e.g. the engine's own
+    timings when it runs in another process)."""
+
+    rollouts: list[Rollout]
+    rewards: list[float]
+    failed: list[bool]
+    values: list[float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,10 +108,14 @@ class TrainBatch:
         return TrainBatch(**{k: v if v is None else v.to(device) for k, v in moved.items()})
 
 
-def collate(rollouts: Sequence[Rollout], rewards: Sequence[float], pad_id: int) -> TrainBatch:
-    """Pack rollouts (in group order) and their rewards into a ``TrainBatch``."""
+def collate(rollouts: Sequence[Rollout], rewards: Sequence[float], pad_id: int,
+            values: Sequence[float] | None = None) -> TrainBatch:
+    """Pack rollouts (in group order), their rewards and optional V* ``values`` into a
+    ``TrainBatch``."""
     if len(rollouts) != len(rewards):
         raise ValueError(f"{len(rollouts)} rollouts but {len(rewards)} rewards")
+    if values is not None and len(values) != len(rollouts):
+        raise ValueError(f"{len(rollouts)} rollouts but {len(values)} values")
     if not rollouts:
         raise ValueError("collate needs at least one rollout")
     B = len(rollouts)
@@ -117,6 +141,7 @@ def collate(rollouts: Sequence[Rollout], rewards: Sequence[float], pad_id: int) 
         sampler_logprobs=lps,
         rewards=torch.tensor(rewards, dtype=torch.float32),
         versions=torch.tensor([r.version for r in rollouts], dtype=torch.long),
+        values=None if values is None else torch.tensor(values, dtype=torch.float32),
     )
 
 

@@ -88,16 +88,17 @@ class GenerationConfig:
     engine_kwargs: dict = field(default_factory=dict)  # any other vllm.LLM argument
     # Batches the engine samples ahead of the trainer, in its own process (0: inline, in this
     # process). Batch b is sampled by the version fixed by (b, ahead, minibatches, sync_every);
-    # see oapl/sources/ahead.py. The lag is then at most (ahead+1)*k - 1 + L - gcd(k, L).
+    # see oapl/sources/schedule.py. The lag is then at most (ahead+1)*k - 1 + L - gcd(k, L).
     ahead: int = 0
-    timeout_s: float = 600.0  # ahead >= 1: longest wait for one batch before the engine is hung
-    num_threads: int | None = None  # ahead >= 1: the engine process's torch threads
-    # ahead >= 1: the engine's devices (CUDA_VISIBLE_DEVICES of its process, e.g. "1"); None:
+    # ahead >= 1 (and under torchrun, where the engine always has its own process):
+    timeout_s: float = 600.0  # the longest wait for one batch before the engine is hung
+    num_threads: int | None = None  # the engine process's torch threads
+    # the engine's devices (CUDA_VISIBLE_DEVICES of its process, e.g. "1"); None:
     # inherit. On a GPU machine give the trainer and the engine different devices.
     devices: str | None = None
     # ahead >= 1: how pushes reach the engine. shared_memory: CPU copies through shared
     # memory; nccl: a GPU copy broadcast over vLLM's NCCL weight transfer (trainer on a CUDA
-    # device, the engine on others). See oapl/engine/weight_transfer.py.
+    # device, the engine on others). See oapl/engine/transport/.
     weight_transfer: str = "shared_memory"
     # vLLM servers instead of an engine of this process (oapl/sources/servers.py, and
     # docs/TRAINING.md, "vLLM servers"): ``servers``, base URLs of servers started by hand (any

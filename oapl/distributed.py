@@ -2,9 +2,10 @@
 
     torchrun --nproc_per_node=N -m oapl.cli train CONFIG [key=value ...]
 
-Rank 0 prepares the model, starts the vLLM engine (in a child process, see
-``oapl.engine.process``) and runs the ordinary loop (``oapl.loop.train``) with an
-``FSDPTrainer``; ranks 1..N-1 build the same ``FSDPTrainer`` and follow rank 0's commands.
+Rank 0 prepares the model and runs the ordinary loop (``oapl.loop.train``) with an
+``FSDPTrainer`` and the vLLM engine in its worker process (``oapl.sources.worker``: vLLM cannot
+share a process that holds the trainer's world), at ``generation.ahead: 0`` too; ranks 1..N-1
+build the same ``FSDPTrainer`` and follow rank 0's commands.
 The process group uses nccl on CUDA (one GPU per local rank) and gloo on the CPU.
 """
 
@@ -18,7 +19,6 @@ import torch.distributed as dist
 
 from .config import Config
 from .engine.generator import Generator
-from .engine.process import GeneratorProcess
 from .loop import train as loop_train
 from .model_dir import model_dir
 from .run import set_threads
@@ -54,16 +54,8 @@ def train(cfg: Config, generator: Generator | None = None) -> dict | None:
     dist.broadcast_object_list(path, src=0)
     summary = None
     if rank == 0:
-        # Offline runs need no engine; with generation.ahead the source starts its own.
-        own = generator is None and cfg.data.rollouts is None and not cfg.generation.ahead
-        if own:
-            threads = cfg.trainer.num_threads or torch.get_num_threads()
-            generator = GeneratorProcess(path[0], cfg.generation, seed=cfg.seed, threads=threads)
-        try:
-            summary = loop_train(cfg, generator=generator, trainer_cls=FSDPTrainer)
-        finally:
-            if own:
-                generator.close()
+        summary = loop_train(cfg, generator=generator, trainer_cls=FSDPTrainer,
+                             engine_process=True)
         stop_followers()
     else:
         policy = Policy.from_pretrained(path[0], getattr(torch, cfg.model.dtype), device)

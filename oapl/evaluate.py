@@ -32,9 +32,10 @@ from transformers import AutoTokenizer
 from .batch import score_rollouts
 from .config import Config
 from .engine.generator import Generator, VLLMGenerator, sample_groups
+from .engine.transport import wire_dtype
 from .model_dir import model_dir, push_model
-from .prompts import load_prompts
-from .run import EVAL_SEED_OFFSET, engine_dtype, sampling_seed, set_threads
+from .prompts import load_prompts, sampling_seed
+from .run import EVAL_SEED_OFFSET, set_threads
 from .tasks import load_reward
 
 
@@ -136,7 +137,7 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
     try:
         for i, (label, path) in enumerate(zip(labels, dirs)):
             if not (own and i == 0):
-                push_model(generator, path, 0, engine_dtype(cfg))
+                push_model(generator, path, 0, wire_dtype(cfg.generation.dtype))
             rollouts = sample_groups(generator, prompts, cfg.generation, seed,
                                      cfg.data.prompts_per_step, f"oapl eval {label}")
             records = [prompts[r.prompt_index].record for r in rollouts]

@@ -1,19 +1,23 @@
 """The one step loop, over a batch source (``oapl.sources``):
 
-    source <- make_source(cfg)        (engine inline, or a rollout file)
+    source <- make_source(cfg)        (an engine inline or in its worker process, or a file)
+    push the trainer's weights        (as version `step`, if the source needs them)
     repeat until trainer.steps:
-        batch <- source.next_batch()  (scored; rows tagged with the version that sampled them)
+        scored <- source.next_batch() (rows tagged with the version that sampled them)
+        batch <- collate(scored)      (once, here)
         log pi_lag of the batch       (the sampler's, or recomputed by a frozen copy)
         for each of `trainer.minibatches` slices: one optimizer step; step += 1
-            if step % L == 0: source.push(weights)   (the engine takes them as version `step`)
+            if step % L == 0: push    (source.push(weights, step) if the source needs that
+                                       version; the trainer freezes it as pi_lag)
             metrics -> loggers
         every `output.save_every` steps: checkpoint (trainer, RNGs, the source's position)
     final_model, curves.png
 
-A policy version is the trainer step whose weights the sampler held, so a step's ``lag`` is
-the number of optimizer steps the policy took since the weights that sampled its rows (0 at
-L=1 with one minibatch). Online training, offline training on a rollout file, each round of
-``oapl rounds`` and the rank-0 process under torchrun all run this loop.
+The loop owns every push: a source takes weights and hands out scored rollouts, and never
+sees the trainer. A policy version is the trainer step whose weights the sampler held, so a
+step's ``lag`` is the number of optimizer steps the policy took since the weights that sampled
+its rows (0 at L=1 with one minibatch). Online training, offline training on a rollout file,
+each round of ``oapl rounds`` and the rank-0 process under torchrun all run this loop.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from .batch import ScoredBatch, TrainBatch, collate, pad_token_id
 from .config import Config
 from .engine.generator import Generator
 from .metrics import step_record
-from .model_dir import model_dir
+from .model_dir import hf_weights, model_dir
 from .run import Loggers, check_run_dir, export_final, open_run_dir, seed_all, set_threads
-from .sources import BatchSource, SampledBatch, make_source
+from .sources import BatchSource, make_source
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.policy import Policy
 from .training.trainer import LocalTrainer, Trainer, resolve_device
@@ -44,32 +49,56 @@ MISMATCH_WARN = 0.05
 
 
 class _Loop:
-    """The state of one run: config, trainer, source, loggers, position."""
+    """The state of one run: config, trainer, source, loggers, position; ``pad_id``: the
+    tokenizer's padding id, for collating."""
 
-    def __init__(self, cfg: Config, trainer: Trainer, source: BatchSource, step: int):
+    def __init__(self, cfg: Config, trainer: Trainer, source: BatchSource, step: int,
+                 pad_id: int):
         self.cfg, self.trainer, self.source, self.step = cfg, trainer, source, step
+        self.pad_id = pad_id
         self.loggers = Loggers(cfg, step)
         self.warned_mismatch = False
 
-    def train_minibatch(self, b: SampledBatch, rows: slice) -> dict:
-        """One optimizer step on rows ``rows`` of ``b``, the push if one is due, and the
-        step's metrics record."""
+    def start(self) -> None:
+        """Start the source at this step and give its sampler the weights it starts from: the
+        trainer's, or a fixed model's as pi_lag (a rollout file's sampler)."""
+        self.source.start(self.step)
+        if self.source.fixed_sampler is not None:  # the starting model, even on resume
+            self.trainer.freeze_lag_policy(
+                0, hf_weights(self.source.fixed_sampler, getattr(torch, self.cfg.model.dtype)))
+        else:
+            self.push()
+
+    def push(self) -> float:
+        """The trainer's weights to the source as version ``step``, if it needs them, and the
+        trainer's frozen pi_lag with them; the seconds the push itself took."""
+        if not self.source.needs(self.step):
+            return 0.0
+        t = time.perf_counter()
+        self.source.push(self.trainer.named_weights(), self.step)
+        push_s = time.perf_counter() - t
+        self.trainer.freeze_lag_policy(self.step)
+        return push_s
+
+    def train_minibatch(self, b: ScoredBatch, train: TrainBatch, rows: slice) -> dict:
+        """One optimizer step on rows ``rows`` of ``train`` (collated from ``b``), the push if
+        one is due, and the step's metrics record."""
         k = self.cfg.trainer.minibatches
-        mb = b.train.rows(rows.start, rows.stop)
+        mb = train.rows(rows.start, rows.stop)
         t = time.perf_counter()
         m = self.trainer.train_step(mb)
         train_s = time.perf_counter() - t
         lag = self.step - float(mb.versions.float().mean())
         self.step += 1
-        sync_s = 0.0
+        sync_s = push_s = 0.0
         if self.step % self.cfg.algorithm.sync_every == 0:
             t = time.perf_counter()
-            self.source.push(self.trainer, self.step)
+            push_s = self.push()
             sync_s = time.perf_counter() - t
         timings = {"generate_s": 0.0, "score_s": 0.0, "lag_logprobs_s": 0.0,
                    **{key: v / k for key, v in b.timings.items()}}
         step_s = sum(timings.values()) + train_s + sync_s
-        extra = {**timings, "train_s": train_s, "sync_s": sync_s,
+        extra = {**timings, "train_s": train_s, "sync_s": sync_s, "push_s": push_s,
                  "lag_max": self.step - 1 - int(mb.versions.min()), **b.metrics,
                  **self.mismatch(mb, m, lag)}
         if "wait_s" in timings:
@@ -104,6 +133,7 @@ class _Loop:
             )
         return {"sampler_mismatch_mean": mean, "sampler_mismatch_max": top}
 
+
     def checkpoint_due(self) -> bool:
         """At every ``save_every`` steps, and at the end where the sampler holds the trainer's
         weights between batches (a multiple of lcm(sync_every, minibatches))."""
@@ -120,12 +150,13 @@ class _Loop:
         rewards: list[float] = []
         while self.step < cfg.trainer.steps:
             b = self.source.next_batch()
+            train = collate(b.rollouts, b.rewards, self.pad_id, values=b.values)
             t = time.perf_counter()
-            b.train.lag_logprobs = self.trainer.lag_logprobs(b.train)  # at the sampling weights
+            train.lag_logprobs = self.trainer.lag_logprobs(train)  # at the sampling weights
             b.timings["lag_logprobs_s"] = time.perf_counter() - t
-            per = len(b.train) // k
+            per = len(train) // k
             for j in range(k):
-                record = self.train_minibatch(b, slice(j * per, (j + 1) * per))
+                record = self.train_minibatch(b, train, slice(j * per, (j + 1) * per))
                 self.loggers.write(record)
                 rewards.append(record["reward_mean"])
                 bar.update(1)
@@ -145,11 +176,12 @@ class _Loop:
 
 
 def train(cfg: Config, generator: Generator | None = None,
-          trainer_cls: type = LocalTrainer) -> dict:
+          trainer_cls: type = LocalTrainer, engine_process: bool = False) -> dict:
     """Run (or resume) the training run ``cfg``; return a summary dict.
 
     ``generator``: an engine to sample with (the trainer's weights are pushed into it at the
-    start); by default the source builds one. ``trainer_cls(policy, cfg)``: the trainer
+    start); by default the source builds one, in this process, or in its worker process with
+    ``generation.ahead >= 1`` or ``engine_process``. ``trainer_cls(policy, cfg)``: the trainer
     (``oapl.training.fsdp_trainer.FSDPTrainer`` under torchrun, see ``oapl.distributed``).
     With ``data.rollouts`` set, the batches come from that rollout file and no engine runs.
     """
@@ -157,7 +189,8 @@ def train(cfg: Config, generator: Generator | None = None,
     check_run_dir(cfg)  # before any slow work
     path = model_dir(cfg.model.path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    source = make_source(cfg, path, tokenizer, generator)  # validates a rollout file in full
+    # Validates a rollout file in full; an engine process builds while the trainer loads.
+    source = make_source(cfg, path, tokenizer, generator, engine_process)
     try:
         latest = open_run_dir(cfg)
         seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
@@ -169,8 +202,9 @@ def train(cfg: Config, generator: Generator | None = None,
             state = load_checkpoint(latest, trainer)
             step = state["step"]
             source.load_state_dict(state["source"])
-        source.start(trainer, step)
-        rewards = _Loop(cfg, trainer, source, step).run()
+        loop = _Loop(cfg, trainer, source, step, pad_token_id(tokenizer))
+        loop.start()
+        rewards = loop.run()
         return {"steps": cfg.trainer.steps, **rewards, **export_final(cfg, trainer, tokenizer)}
     finally:
         source.close()

@@ -105,17 +105,20 @@ def model_dir(path: str, cfg: Config) -> str:
     return path
 
 
-def hf_weights(path: str, dtype: str = "float32") -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(path: str,
+               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of every parameter of the HF directory ``path``, loaded as ``dtype``
-    (a tied lm_head appears once)."""
+    (None: float32; a tied lm_head appears once)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     for name, p in model.named_parameters():
         yield name, p.detach()
 
 
-def push_model(generator: Generator, path: str, version: int, dtype: str = "float32") -> None:
-    """Load the weights of the HF directory ``path`` (as ``dtype``) into ``generator``; the
-    engine must have been built for the same architecture."""
+def push_model(generator: Generator, path: str, version: int,
+               dtype: torch.dtype | None = None) -> None:
+    """Load the weights of the HF directory ``path`` (as ``dtype``, e.g. the wire dtype
+    ``oapl.engine.transport.wire_dtype``; None: float32) into ``generator``; the engine must
+    have been built for the same architecture."""
     generator.load_weights(hf_weights(path, dtype), version)

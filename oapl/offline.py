@@ -25,10 +25,11 @@ from oapl_kernels import optimal_values
 from .batch import score_rollouts
 from .config import Config, save_config
 from .engine.generator import Generator, VLLMGenerator, sample_groups
+from .engine.transport import wire_dtype
 from .loop import train
 from .model_dir import checkpoint_step, is_checkpoint, model_dir, push_model
-from .prompts import load_prompts
-from .run import engine_dtype, sampling_seed, set_threads
+from .prompts import load_prompts, sampling_seed
+from .run import set_threads
 from .sources.rollout_file import write_rollouts
 from .tasks import load_reward
 
@@ -56,7 +57,7 @@ def generate_rollouts(
     if own:
         generator = VLLMGenerator(path, cfg.generation, seed=cfg.seed)
     else:
-        push_model(generator, path, version, engine_dtype(cfg))
+        push_model(generator, path, version, wire_dtype(cfg.generation.dtype))
     try:
         seed = sampling_seed(cfg.seed, round_no * len(prompts) * n)
         rollouts = sample_groups(generator, prompts, cfg.generation, seed,

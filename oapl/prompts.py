@@ -1,5 +1,6 @@
-"""Prompts: a task's records formatted and tokenized (``load_prompts``), and the resumable
-order in which a run draws them (``PromptSampler``)."""
+"""Prompts: a task's records formatted and tokenized (``load_prompts``), the resumable
+order in which a run draws them (``PromptSampler``) and the engine seed they are sampled with
+(``sampling_seed``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from dataclasses import dataclass
 
 from .config import DataConfig
 from .tasks import read_records
+
+
+def sampling_seed(seed: int, samples_before: int) -> int:
+    """The engine seed of a call whose first completion is the run's ``samples_before``-th."""
+    return seed * 1_000_000_007 + samples_before
 
 
 @dataclass

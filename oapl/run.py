@@ -24,11 +24,6 @@ RESUMABLE_CHANGES = {"resume", "trainer.steps"}
 EVAL_SEED_OFFSET = 2**40  # training seeds are seed * 1_000_000_007 + (samples so far) < 2**40
 
 
-def sampling_seed(seed: int, samples_before: int) -> int:
-    """The engine seed of a call whose first completion is the run's ``samples_before``-th."""
-    return seed * 1_000_000_007 + samples_before
-
-
 def set_threads(cfg: Config) -> None:
     """Apply ``trainer.num_threads`` (before any torch work: with more threads than free
     cores, OpenMP threads wait on each other)."""
@@ -40,11 +35,6 @@ def seed_all(seed: int) -> None:
     """Seed Python's and torch's global RNGs (after building an engine: it reseeds them)."""
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def engine_dtype(cfg: Config) -> str:
-    """The dtype to load pushed weights in: the engine's, float32 for ``auto``."""
-    return "float32" if cfg.generation.dtype == "auto" else cfg.generation.dtype
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

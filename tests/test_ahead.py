@@ -22,7 +22,7 @@ import torch
 from oapl.config import load_config
 from oapl.loop import train
 from oapl.metrics import read_metrics
-from oapl.sources.ahead import lag_bound, push_needed, sampling_version
+from oapl.sources.schedule import lag_bound, push_needed, sampling_version
 
 pytestmark = pytest.mark.vllm
 
@@ -190,7 +190,7 @@ def test_push_needed_matches_enumeration():
 
 
 def test_at_most_ahead_plus_one_pushes_wait():
-    """The bound on staged copies (oapl.engine.weight_transfer.NCCLSender): at a push after
+    """The bound on staged copies (oapl.engine.transport.nccl.NCCLSender): at a push after
     step s the engine has started every batch the trainer took, so the needed versions <= s
     whose first batch has not started number at most K + 1."""
     total = 40
@@ -210,13 +210,16 @@ def test_nccl_client_and_engine_side_speak_one_protocol():
     engine's side of one version, over plain queues with a stand-in generator: the engine
     begins the update before the client returns from start_weight_update (so the broadcast
     starts only then), then receives and finishes. No NCCL: that needs two GPUs."""
-    from oapl.engine.weight_transfer import QueueClient, receive_version
+    from oapl.engine.messages import Stop, Stopped, taker
+    from oapl.engine.transport.nccl import NCCLReceiver, QueueClient
     from oapl.errors import EngineError
-    from oapl.sources.ahead import _taker
 
     calls = []
 
     class Generator:
+        def init_weight_transfer(self, init_info):
+            calls.append(("init", init_info))
+
         def start_weight_update(self):
             calls.append("start")
 
@@ -226,23 +229,30 @@ def test_nccl_client_and_engine_side_speak_one_protocol():
         def finish_weight_update(self, version):
             calls.append(("finish", version))
 
-    pushes, acks = queue.Queue(), queue.Queue()
-    client = QueueClient(pushes, acks, threading.Event())
-    client.version = 4
-    take = _taker(pushes)
+    inbox, acks = queue.Queue(), queue.Queue()
+    client = QueueClient(inbox, acks, threading.Event())
+    take, receiver = taker(inbox), NCCLReceiver(acks)
+    stopped = []
 
     def engine():
-        _, version, weights = take("push")
-        receive_version(Generator(), version, take, acks)
+        receiver.open(Generator(), take)
+        receiver.receive(Generator(), 4, take)
+        try:
+            take(Stop)
+        except Stopped:
+            stopped.append(True)
 
     thread = threading.Thread(target=engine)
     thread.start()
+    client.init_weight_transfer_engine({"port": 1})
+    client.version = 4
     client.start_weight_update()
-    assert calls == ["start"]
+    assert calls == [("init", {"port": 1}), "start"]
     client.update_weights({"names": ["w"]})
     client.finish_weight_update()
+    inbox.put(Stop())
     thread.join(10)
-    assert calls == ["start", ("update", {"names": ["w"]}), ("finish", 4)]
+    assert calls[2:] == [("update", {"names": ["w"]}), ("finish", 4)] and stopped
     stopping = threading.Event()
     stopping.set()
     with pytest.raises(EngineError, match="stopped"):  # nobody acks: close() ends the wait

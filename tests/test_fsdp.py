@@ -102,7 +102,7 @@ def test_export_equals_the_single_process_model(runs):
 @pytest.mark.parametrize("ahead", [0, 1])
 def test_live_engine_on_rank_zero_loads_the_export(runs, tmp_path, ahead):
     """`oapl train` under torchrun with the real engine, starting from the FSDP export: the
-    engine in rank 0's child process, inline (ahead=0) or sampling ahead (ahead=1)."""
+    engine in rank 0's worker process, on the inline schedule (ahead=0) or one batch ahead."""
     _, two = runs
     out = tmp_path / "live"
     _torchrun("-m", "oapl.cli", "train", TINY, f"output_dir={out}", "trainer.steps=2",
@@ -110,5 +110,5 @@ def test_live_engine_on_rank_zero_loads_the_export(runs, tmp_path, ahead):
     records = read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in records] == [1, 2]
     assert records[1]["sync_s"] > 0 and all(r["generate_s"] > 0 for r in records)
-    assert all(("wait_s" in r) == bool(ahead) for r in records)
+    assert all("wait_s" in r for r in records)  # the engine's worker process, at ahead=0 too
     assert (out / "final_model" / "model.safetensors").exists()

@@ -10,7 +10,8 @@ import pytest
 
 from oapl.cli import main
 from oapl.config import Config
-from oapl.run import Loggers, sampling_seed
+from oapl.prompts import sampling_seed
+from oapl.run import Loggers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")

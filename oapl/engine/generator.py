@@ -10,8 +10,8 @@ vLLM's own default, ``raw_logprobs``, is untempered; it is selectable only to sh
 Weights reach the engine one of two ways: ``load_weights`` (tensors handed over in this process,
 e.g. from shared memory) or, with ``generation.weight_transfer: nccl``, vLLM's NCCL weight
 transfer (``init_weight_transfer`` once, then per version ``start_weight_update``,
-``update_weights``, ``finish_weight_update``; the trainer's side is
-``oapl.engine.weight_transfer``).
+``update_weights``, ``finish_weight_update``; both sides are in
+``oapl.engine.transport.nccl``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..batch import Rollout
 from ..config import GenerationConfig
 from ..prompts import Prompt
+from .transport.base import wire_dtype
 
 
 class Generator(Protocol):
@@ -94,7 +95,7 @@ class VLLMGenerator:
         threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)
         torch._C.set_num_threads(threads)  # the original; vLLM made torch's a no-op
-        self._push_dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        self._push_dtype = wire_dtype(cfg.dtype)
         # Each push warns that the rotary embedding (a buffer, not a weight) was not loaded.
         reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         reload_log.setLevel(logging.ERROR)

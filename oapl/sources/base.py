@@ -1,50 +1,48 @@
-"""What the loop takes from a batch source: ``SampledBatch`` and the ``BatchSource`` interface."""
+"""The interface between the loop and where its batches come from: a ``BatchSource`` hands out
+``ScoredBatch``es (rollouts with rewards, picklable) and takes the policy's weights as
+(Hugging Face name, tensor) pairs. It knows nothing of the trainer: the loop collates each
+batch, makes every push and keeps the trainer's frozen lag policy in step with them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..batch import Rollout, TrainBatch
-from ..training.trainer import Trainer
+from ..batch import ScoredBatch
+from ..engine.transport import Weights
 
-
-@dataclass
-class SampledBatch:
-    """One batch of groups, scored: its ``rollouts`` (in group order), their tensors
-    (``train``; ``train.versions`` are the policy versions that sampled each row, counted
-    in this run's optimizer steps), which reward calls ``failed``; ``timings``: seconds the
-    trainer's process spent on it (``generate_s``, ``score_s`` inline, ``wait_s`` when the
-    engine runs ahead), spread over the batch's minibatch steps and counted in their step
-    time; ``metrics``: other per-step values added to each of its steps' records as they are
-    (e.g. the engine's own timings when it runs in another process)."""
-
-    rollouts: list[Rollout]
-    train: TrainBatch
-    failed: list[bool]
-    timings: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
+__all__ = ["BatchSource", "ScoredBatch", "Weights"]
 
 
 class BatchSource(Protocol):
     """Where the loop's batches come from (``oapl.sources.make_source``)."""
 
-    def start(self, trainer: Trainer, step: int) -> None:
-        """Called once before the first batch, after any resume: the trainer is at ``step``."""
+    # The HF directory of the model that sampled every row (as version 0), for a source whose
+    # sampler never takes the trainer's weights (a rollout file); None when it does.
+    fixed_sampler: str | None
 
-    def next_batch(self) -> SampledBatch:
+    def start(self, step: int) -> None:
+        """Called once before the first batch and the first push, after any resume: the
+        trainer is at ``step``."""
+
+    def next_batch(self) -> ScoredBatch:
         """The next batch, ``data.prompts_per_step`` groups."""
 
-    def push(self, trainer: Trainer, step: int) -> None:
-        """Called every ``algorithm.sync_every`` steps: the sampler takes the trainer's
-        weights as policy version ``step`` (a no-op for a source without an engine)."""
+    def needs(self, version: int) -> bool:
+        """Whether the sampler will sample with policy version ``version`` (the trainer's
+        weights after step ``version``), i.e. whether ``push`` of it is worth making. The loop
+        asks at the start and every ``algorithm.sync_every`` steps."""
+
+    def push(self, weights: Weights, version: int) -> None:
+        """The sampler takes ``weights`` as policy version ``version`` (only versions it
+        ``needs``, in increasing order). ``weights`` may be a generator over the trainer's
+        tensors: read through once, before returning; the tensors may change afterwards."""
 
     def state_dict(self) -> dict:
         """Its position and whatever it needs to continue exactly (picklable), stored in
         checkpoints (``source.pt``)."""
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned (before ``start``)."""
 
     def close(self) -> None:
         """Release what the source owns (an engine it built, a child process)."""

@@ -1,33 +1,33 @@
 """Batches sampled inline by an engine: the engine samples the next prompts with the weights
 it holds (lagging up to ``algorithm.sync_every`` steps), this process scores them, then the
 trainer trains; pushes replace the engine's weights in place. The engine is a
-``VLLMGenerator`` in this process, or any ``Generator`` given (a ``GeneratorProcess`` under
-torchrun)."""
+``VLLMGenerator`` in this process, or any ``Generator`` given. The engine's worker process
+(``oapl.sources.worker``) runs this same source on its side."""
 
 from __future__ import annotations
 
 import time
 
-from ..batch import collate, pad_token_id, score_rollouts
+from ..batch import ScoredBatch, score_rollouts
 from ..config import Config
 from ..engine.generator import Generator, VLLMGenerator
-from ..prompts import PromptSampler, load_prompts
-from ..run import sampling_seed
+from ..prompts import PromptSampler, load_prompts, sampling_seed
 from ..tasks import load_reward
-from ..training.trainer import Trainer
-from .base import SampledBatch
+from .base import Weights
 
 
 class EngineSource:
     """``data.prompts_per_step`` prompts x ``generation.n`` samples per batch, drawn by a
     ``PromptSampler``; batch ``b`` samples with seed ``sampling_seed(seed, b * samples per
     batch)``. ``generator``: an engine to use (not closed here); by default a
-    ``VLLMGenerator`` for ``model_path`` is built (and closed by ``close``)."""
+    ``VLLMGenerator`` for ``model_path`` is built (and closed by ``close``). Every push is
+    needed: the engine samples the next batch with whatever it holds."""
+
+    fixed_sampler = None
 
     def __init__(self, cfg: Config, model_path: str, tokenizer, generator: Generator | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.pad_id = pad_token_id(tokenizer)
         self.prompts = load_prompts(cfg.data, tokenizer)
         self.reward_fn, self.reward_workers = load_reward(cfg.data)
         self.own = generator is None
@@ -35,10 +35,10 @@ class EngineSource:
         self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
         self.batches = 0
 
-    def start(self, trainer: Trainer, step: int) -> None:
-        self.push(trainer, step)  # the engine starts from the trainer's (possibly resumed) weights
+    def start(self, step: int) -> None:
+        pass
 
-    def next_batch(self) -> SampledBatch:
+    def next_batch(self) -> ScoredBatch:
         cfg = self.cfg
         idx = self.sampler.next_batch()
         seed = sampling_seed(cfg.seed, self.batches * len(idx) * cfg.generation.n)
@@ -54,12 +54,14 @@ class EngineSource:
                                             self.reward_workers)
         score_s = time.perf_counter() - t
         self.batches += 1
-        return SampledBatch(rollouts, collate(rollouts, rewards, self.pad_id), failed,
-                            {"generate_s": generate_s, "score_s": score_s})
+        return ScoredBatch(rollouts, rewards, failed,
+                           timings={"generate_s": generate_s, "score_s": score_s})
 
-    def push(self, trainer: Trainer, step: int) -> None:
-        self.generator.load_weights(trainer.named_weights(), version=step)
-        trainer.freeze_lag_policy(step)
+    def needs(self, version: int) -> bool:
+        return True
+
+    def push(self, weights: Weights, version: int) -> None:
+        self.generator.load_weights(weights, version=version)
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "batches": self.batches}

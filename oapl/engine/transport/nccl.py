@@ -1,23 +1,17 @@
-"""Weight pushes over vLLM's NCCL weight transfer (``generation.weight_transfer: nccl``), from
-the trainer's GPU straight into the model of the engine sampling ahead (``oapl.sources.ahead``).
+"""Weights over vLLM's NCCL weight transfer (``generation.weight_transfer: nccl``), from the
+trainer's GPU straight into the model of an engine in its own worker process.
 
 vLLM's API (``vllm.distributed.weight_transfer``): ``NCCLTrainerWeightTransferEngine.trainer_init``
 opens an NCCL group (the trainer rank 0, the engine's workers after it), and each
 ``send_weights()`` broadcasts a ``WeightSource`` while driving the engine through a
 ``VLLMWeightSyncClient``: ``start_weight_update``, ``update_weights`` (concurrently with the
 broadcast), ``finish_weight_update``. Here the client is ``QueueClient``: each call becomes a
-message on the queue of pushes, which the engine process reads in order and carries out on its
-``vllm.LLM`` (``receive_version``, ``VLLMGenerator``) when its schedule reaches that version.
+message on the worker's inbox (``NcclInit``, ``StartUpdate``, ``Update``, ``Finish``), which the
+worker carries out on its ``vllm.LLM`` (``NCCLReceiver``) when its schedule reaches that version.
 
-Messages, trainer -> engine (on the queue of pushes, after ``("start", ...)``):
-
-    ("nccl_init", init_info)   once: join the NCCL group (vLLM's worker init payload)
-    ("push", version, None)    begin receiving ``version``; the engine acks it on ``acks``
-    ("update", update_info)    the names, dtypes and shapes of the broadcast that follows
-    ("finish",)                the version is complete
-
-``start_weight_update`` waits for the ack, so the broadcast's NCCL kernels start only once the
-engine is there to receive them, instead of spinning on the trainer's GPU while it samples.
+``start_weight_update`` waits for the engine's ``Began``, so the broadcast's NCCL kernels start
+only once the engine is there to receive them, instead of spinning on the trainer's GPU while it
+samples. This module imports vLLM: import it only for this transport.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ import queue
 import socket
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
@@ -35,7 +29,9 @@ from vllm.distributed.weight_transfer.nccl_engine import (
     NCCLTrainerWeightTransferEngine,
 )
 
-from ..errors import EngineError
+from ...errors import EngineError
+from ..messages import Began, Finish, NcclInit, StartUpdate, Update
+from .base import Weights
 
 # How often a wait for the engine checks whether the transfer is being stopped.
 POLL_S = 0.5
@@ -43,7 +39,7 @@ POLL_S = 0.5
 
 class StagedWeights(WeightSource):
     """The version being sent: ``tensors``, (HF name, tensor) pairs on the trainer's GPU in
-    the engine's dtype, full shapes, contiguous. One source for the whole run (vLLM's trainer
+    the wire dtype, full shapes, contiguous. One source for the whole run (vLLM's trainer
     engine holds it from ``trainer_init``); the sender swaps the tensors per version."""
 
     def __init__(self) -> None:
@@ -57,21 +53,21 @@ class StagedWeights(WeightSource):
 
 
 class QueueClient:
-    """vLLM's ``VLLMWeightSyncClient`` over the queue of pushes to the engine process (the
-    messages in the module's docstring). ``version``: the version being sent, set by the
-    sender before each ``send_weights``; ``stopping``: set to give up waiting for the engine."""
+    """vLLM's ``VLLMWeightSyncClient`` over the worker's inbox (the module's docstring).
+    ``version``: the version being sent, set by the sender before each ``send_weights``;
+    ``stopping``: set to give up waiting for the engine."""
 
-    def __init__(self, pushes, acks, stopping: threading.Event):
-        self.pushes, self.acks, self.stopping = pushes, acks, stopping
+    def __init__(self, inbox, acks, stopping: threading.Event):
+        self.inbox, self.acks, self.stopping = inbox, acks, stopping
         self.version = -1
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self.pushes.put(("nccl_init", init_info))
+        self.inbox.put(NcclInit(init_info))
 
     def start_weight_update(self) -> None:
         """Announce ``version`` and wait until the engine, at that point of its schedule, has
         begun the update."""
-        self.pushes.put(("push", self.version, None))
+        self.inbox.put(StartUpdate(self.version))
         while True:
             try:
                 acked = self.acks.get(timeout=POLL_S)
@@ -79,27 +75,36 @@ class QueueClient:
             except queue.Empty:
                 if self.stopping.is_set():
                     raise EngineError("the weight transfer was stopped") from None
-        if acked != self.version:
-            raise EngineError(f"the engine began receiving version {acked}, "
+        if acked.version != self.version:
+            raise EngineError(f"the engine began receiving version {acked.version}, "
                               f"expected {self.version}")
 
     def update_weights(self, update_info: dict) -> None:
-        self.pushes.put(("update", update_info))
+        self.inbox.put(Update(update_info))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self.pushes.put(("finish",))
+        self.inbox.put(Finish())
 
 
-def receive_version(generator, version: int, take: Callable[[str], tuple], acks) -> None:
-    """The engine's side of one version (after its ``("push", version, None)``): begin the
-    update, ack, receive the broadcast into the model, finish. ``take(kind)``: the next
-    message on the queue of pushes, which must be of that kind."""
-    generator.start_weight_update()
-    acks.put(version)
-    _, update_info = take("update")
-    generator.update_weights(update_info)
-    take("finish")
-    generator.finish_weight_update(version)
+class NCCLReceiver:
+    """The engine's side: join the group on ``NcclInit``; per version begin the update, ack
+    it on ``acks``, receive the broadcast into the model, finish."""
+
+    def __init__(self, acks):
+        self.acks = acks
+
+    def open(self, engine, take: Callable) -> None:
+        engine.init_weight_transfer(take(NcclInit).init_info)
+
+    def receive(self, engine, version: int, take: Callable) -> None:
+        start = take(StartUpdate)
+        if start.version != version:
+            raise RuntimeError(f"push {start.version} came, expected push {version}")
+        engine.start_weight_update()
+        self.acks.put(Began(version))
+        engine.update_weights(take(Update).update_info)
+        take(Finish)
+        engine.finish_weight_update(version)
 
 
 def _free_port() -> int:
@@ -113,10 +118,10 @@ class NCCLSender:
     returns; one daemon thread sends the staged versions in order over NCCL, each when the
     engine reaches it in its schedule (see ``oapl.sources.ahead``).
 
-    ``pushes``, ``acks``: the queues to and from the engine process; ``device``: the trainer's
-    CUDA device index; ``world_size``: 1 + the engine's workers.
+    ``inbox``, ``acks``: the queues to and from the engine's worker; ``dtype``: the wire dtype;
+    ``device``: the trainer's CUDA device index; ``world_size``: 1 + the engine's workers.
 
-    Memory: a staged copy (every weight, full shape, in the engine's dtype) lives from ``send``
+    Memory: a staged copy (every weight, full shape, in the wire dtype) lives from ``send``
     until its broadcast is over, which is when the engine starts sampling the first batch that
     needs it. The caller sends only versions some batch samples with; at a push after step
     ``s`` the engine has started every batch the trainer has taken (up to ``ceil(s/k) - 1``),
@@ -126,22 +131,21 @@ class NCCLSender:
 
     Errors (in the rendezvous or a send) are kept and raised as ``EngineError`` by ``check``."""
 
-    def __init__(self, pushes, acks, device: int, world_size: int):
+    def __init__(self, inbox, acks, dtype: torch.dtype | None, device: int, world_size: int):
         self.jobs: queue.Queue = queue.Queue()  # (version, staged, ready); None: stop
         self.stopping = threading.Event()
-        self.client = QueueClient(pushes, acks, self.stopping)
+        self.client = QueueClient(inbox, acks, self.stopping)
         self.error: str | None = None
-        self.device = device
+        self.dtype, self.device = dtype, device
         self.thread = threading.Thread(target=self._run, args=(world_size,),
                                        name="oapl-nccl-sender", daemon=True)
         self.thread.start()
 
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
-             dtype: torch.dtype | None) -> None:
-        """Queue version ``version``: device-to-device copies of the tensors (in ``dtype`` when
-        given), enqueued on the trainer's stream; the trainer goes on as soon as they are."""
-        staged = [(name, t.detach().to(dtype=dtype or t.dtype, copy=True))
-                  for name, t in named_tensors]
+    def send(self, version: int, weights: Weights) -> None:
+        """Queue version ``version``: device-to-device copies of the tensors (in the wire
+        dtype), enqueued on the trainer's stream; the trainer goes on as soon as they are."""
+        staged = [(name, t.detach().to(dtype=self.dtype or t.dtype, copy=True))
+                  for name, t in weights]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
         self.jobs.put((version, staged, ready))
