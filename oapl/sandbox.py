@@ -1,4 +1,4 @@
-"""Running untrusted programs (model-written code) in a sandbox; pure stdlib.
+"""Running untrusted programs (model-written code) in a sandbox (bubblewrap, libseccomp).
 
 Each run is a fresh bubblewrap (``bwrap``) sandbox: every namespace unshared (network, pid,
 ipc, uts, cgroup, user; no nested user namespaces), no capabilities, ``/usr`` (with the
@@ -17,12 +17,18 @@ keyring is otherwise shared with every run), ``io_uring``, ``perf_event_open``, 
 calls of another architecture (i386, x32) kill the process.
 
 Limits (``Limits``): ``prlimit`` sets CPU time, address space, file size, open files and the
-process count, and disables core dumps. As root, each run first drops (``setpriv``) to a uid of
-its own (one per concurrent run), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and
-no sandboxed process may signal anything outside. A wall-clock timeout kills the whole tree:
-bwrap dies, ``--die-with-parent`` kills the sandbox's pid 1, and with it goes the pid
-namespace; the run's uid is reused only once none of its processes is alive. Captured output is
-capped per stream: a run that writes more is killed.
+process count per process, and disables core dumps. As root, each run first drops
+(``setpriv``) to a uid of its own, unique on the machine (claimed with a lock file, and never
+one that a live process has), so ``RLIMIT_NPROC`` bounds fork bombs (root ignores it) and no
+sandboxed process may signal anything outside; the uid is reused only once none of its
+processes is alive. A watchdog samples the run's process tree in /proc (``oapl.proctree``) and
+kills the whole tree when the CPU time summed over its processes passes ``cpu_s`` (so a run
+of many busy processes ends at its own budget instead of starving its neighbours past a wall
+clock) or their summed resident memory passes ``total_memory_mb``; the wall clock
+(``timeout_s``) is the backstop, for runs that sleep or are starved. Killing the tree: bwrap
+dies, ``--die-with-parent`` kills the sandbox's pid 1, and with it goes the pid namespace.
+Captured output is capped per stream: a run that writes more stdout is killed; more stderr is
+read and dropped.
 
 Where bwrap cannot run (not Linux, not installed, no user namespaces), ``run_program`` raises
 ``SandboxUnavailable`` unless the caller opts into running without isolation
@@ -34,6 +40,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import selectors
 import shutil
@@ -50,6 +57,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .proctree import TreeUsage
+
 log = logging.getLogger(__name__)
 
 # The Python that sandboxed programs run on: it must live under the read-only /usr.
@@ -60,6 +69,7 @@ UID_CLAIMS = os.path.join(tempfile.gettempdir(), "oapl-sandbox-uids")  # one loc
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # the whole environment of a run
 _TOOL_ERRORS = (b"bwrap: ", b"setpriv: ", b"prlimit: ")  # the sandbox failed, not the program
 _READ = 1 << 16
+WATCH_S = 0.1  # how often a run's CPU time and memory are sampled
 # System calls a sandboxed program gets EPERM for (names unknown on this architecture skip).
 DENIED_SYSCALLS = (
     "add_key", "request_key", "keyctl",  # kernel keyrings
@@ -92,14 +102,15 @@ class SandboxError(RuntimeError):
 class Limits:
     """Resource limits of one run."""
 
-    timeout_s: float = 10.0  # wall clock of the whole run; then every process in it is killed
-    cpu_s: int = 10  # CPU seconds per process (RLIMIT_CPU)
+    cpu_s: float = 10.0  # CPU seconds of the whole run, summed over its processes; then killed
+    timeout_s: float = 30.0  # wall clock of the whole run (the backstop); then killed
     memory_mb: int = 1024  # address space per process (RLIMIT_AS)
+    total_memory_mb: int = 1536  # resident memory of the whole run, summed; then killed
     file_mb: int = 16  # largest file a process may write (RLIMIT_FSIZE)
     tmpfs_mb: int = 64  # size of the private writable /tmp
     max_procs: int = 32  # processes and threads of the run (RLIMIT_NPROC of its own uid)
     open_files: int = 256  # RLIMIT_NOFILE
-    max_output_bytes: int = 1 << 20  # captured per stream; writing more kills the run
+    max_output_bytes: int = 1 << 20  # captured per stream; more stdout kills the run
 
 
 @dataclass(frozen=True)
@@ -108,10 +119,13 @@ class RunResult:
 
     returncode: int  # exit status (bwrap passes its command's on); negative: killed by signal
     stdout: bytes  # the first ``max_output_bytes`` of standard output
-    stderr: bytes  # the first ``max_output_bytes`` of standard error
+    stderr: bytes  # the first ``max_output_bytes`` of standard error (the rest is dropped)
     stdout_truncated: bool  # more stdout than the cap was written: the run was killed
-    stderr_truncated: bool  # more stderr than the cap was written: the run was killed
+    stderr_truncated: bool  # more stderr than the cap was written (and dropped)
     timed_out: bool  # the wall clock ran out: the run was killed
+    cpu_exceeded: bool  # its processes' CPU time passed ``cpu_s``: the run was killed
+    memory_exceeded: bool  # its resident memory passed ``total_memory_mb``: the run was killed
+    cpu_time_s: float  # CPU seconds of the run's processes, as last sampled
     duration_s: float  # wall-clock seconds from the start until the run was reaped
     sandboxed: bool  # False only when run without isolation (``allow_unsandboxed``)
 
@@ -193,18 +207,49 @@ def _run(argv: list[str], stdin: bytes, limits: Limits, sandboxed: bool) -> RunR
         with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=ENV, cwd=cwd, start_new_session=True,
                               pass_fds=() if seccomp_fd is None else (seccomp_fd,)) as proc:
+            watch = _Watch(proc.pid, limits, start)
             try:
-                out, err, timed_out = _communicate(proc, stdin, limits, start + limits.timeout_s)
+                out, err, killed = _communicate(proc, stdin, limits, watch)
             finally:
                 _kill(proc)
-        result = RunResult(proc.returncode, bytes(out[:limits.max_output_bytes]),
-                           bytes(err[:limits.max_output_bytes]),
-                           len(out) > limits.max_output_bytes, len(err) > limits.max_output_bytes,
-                           timed_out, time.monotonic() - start, sandboxed)
-    killed = timed_out or result.stdout_truncated or result.stderr_truncated
-    if sandboxed and result.returncode != 0 and not killed and err.startswith(_TOOL_ERRORS):
+        cap = limits.max_output_bytes
+        result = RunResult(proc.returncode, bytes(out[:cap]), bytes(err[:cap]), len(out) > cap,
+                           len(err) > cap, killed == "timeout", killed == "cpu",
+                           killed == "memory", watch.cpu_s, time.monotonic() - start, sandboxed)
+    if (sandboxed and result.returncode != 0 and killed is None
+            and err.startswith(_TOOL_ERRORS)):
         raise SandboxError(err.decode(errors="replace").splitlines()[0])
     return result
+
+
+class _Watch:
+    """The limits of a run that the kernel does not keep: the wall clock, and the CPU time and
+    resident memory summed over the run's process tree (sampled every ``WATCH_S``)."""
+
+    def __init__(self, root: int, limits: Limits, start: float):
+        self.usage, self.limits = TreeUsage(root), limits
+        self.deadline = start + limits.timeout_s
+        self.next_sample = start
+        self.cpu_s = 0.0
+
+    def wait_s(self) -> float:
+        """Seconds until the next check is due."""
+        return max(min(self.deadline, self.next_sample) - time.monotonic(), 0)
+
+    def check(self) -> str | None:
+        """Why the run must be killed now (timeout, cpu, memory), or None."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            return "timeout"
+        if now < self.next_sample:
+            return None
+        self.next_sample = now + WATCH_S
+        self.cpu_s, rss = self.usage.sample()
+        if self.cpu_s > self.limits.cpu_s:
+            return "cpu"
+        if rss > self.limits.total_memory_mb << 20:
+            return "memory"
+        return None
 
 
 def _command(argv: list[str], limits: Limits, uid: int | None, seccomp_fd: int) -> list[str]:
@@ -230,7 +275,7 @@ def _prlimit(limits: Limits, own_uid: bool) -> list[str]:
     by what the user already runs (and is then only a loose bound)."""
     nproc = limits.max_procs + (0 if own_uid else _task_count(os.getuid()))
     return [
-        shutil.which("prlimit"), f"--cpu={limits.cpu_s}",
+        shutil.which("prlimit"), f"--cpu={math.ceil(limits.cpu_s)}",
         f"--as={limits.memory_mb << 20}", f"--fsize={limits.file_mb << 20}",
         f"--nproc={nproc}", f"--nofile={limits.open_files}", "--core=0", "--",
     ]
@@ -290,12 +335,14 @@ def _system_mounts() -> tuple[str, ...]:
 
 
 def _communicate(proc: subprocess.Popen, stdin: bytes, limits: Limits,
-                 deadline: float) -> tuple[bytearray, bytearray, bool]:
-    """Feed ``stdin`` and collect stdout and stderr (each up to one byte over the cap) until
-    both close, a stream passes the cap or the deadline passes; return (stdout, stderr,
-    timed_out). The caller kills the run afterwards."""
+                 watch: _Watch) -> tuple[bytearray, bytearray, str | None]:
+    """Feed ``stdin`` and collect stdout and stderr (each up to one byte over the cap; more
+    stderr is read and dropped) until the run ends, its stdout passes the cap ("stdout") or
+    ``watch`` says to kill it ("timeout", "cpu", "memory"); return (stdout, stderr, why it was
+    killed or None). The caller kills the run afterwards."""
     cap = limits.max_output_bytes
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out, err = bytearray(), bytearray()
+    bufs = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     pending = memoryview(stdin)
     in_fd = proc.stdin.fileno()
     with selectors.DefaultSelector() as sel:
@@ -304,11 +351,16 @@ def _communicate(proc: subprocess.Popen, stdin: bytes, limits: Limits,
             sel.register(fd, selectors.EVENT_READ)
         os.set_blocking(in_fd, False)
         sel.register(in_fd, selectors.EVENT_WRITE)
-        while sel.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return *bufs.values(), True
-            for key, _ in sel.select(left):
+        while True:
+            if (why := watch.check()) is not None:
+                return out, err, why
+            if not sel.get_map():
+                try:
+                    proc.wait(watch.wait_s())
+                    return out, err, None
+                except subprocess.TimeoutExpired:
+                    continue
+            for key, _ in sel.select(watch.wait_s()):
                 if key.fd == in_fd:
                     pending = _write_some(in_fd, pending)
                     if not pending:
@@ -321,13 +373,8 @@ def _communicate(proc: subprocess.Popen, stdin: bytes, limits: Limits,
                     continue
                 buf = bufs[key.fd]
                 buf += data[: cap + 1 - len(buf)]
-                if len(buf) > cap:
-                    return *bufs.values(), False
-    try:
-        proc.wait(max(deadline - time.monotonic(), 0))
-    except subprocess.TimeoutExpired:
-        return *bufs.values(), True
-    return *bufs.values(), False
+                if len(out) > cap:
+                    return out, err, "stdout"
 
 
 def _write_some(fd: int, pending: memoryview) -> memoryview:

@@ -6,15 +6,18 @@ caller lives on and nothing outside the sandbox changed."""
 
 import json
 import os
+import random
+import re
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from oapl import sandbox
-from oapl.rewards.code import extract_program, normalize_output, run_tests
+from oapl.rewards.code import extract_program, fenced_blocks, normalize_output, run_tests
 from oapl.config import DataConfig, config_from_dict
 from oapl.batch import score_all
 from oapl.rewards import get_reward_fn
@@ -83,6 +86,37 @@ def test_program_extraction():
     assert extract_program(SUM, SUM_PROGRAM) == SUM_PROGRAM
     assert extract_program(SUM, fenced(SUM_PROGRAM)) == SUM_PROGRAM
     assert normalize_output("1  \n2\t\n\n\n") == "1\n2" and normalize_output(" 1\r\n") == " 1"
+
+
+def test_fence_parser_agrees_with_a_regex_on_short_texts():
+    """The linear parser finds what the backtracking regex it replaced found (fine on short
+    texts), on every arrangement of fence pieces a random walk makes."""
+    regex = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
+    pieces = ["`", "```", "\n", " ", "\t", "py", "python", "x", "-", "+", "é", "```python\n"]
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert fenced_blocks(text) == regex.findall(text), text
+
+
+FENCE_ATTACKS = r"""
+from oapl.rewards.code import extract_program
+n = 128 * 1024
+for text in ["```" + "a" * n, ("```" + "a" * 64 + " ") * (n // 68), "```\n" + "`" * n,
+             "``" * (n // 2), ("```py\n" + "x" * 64) * (n // 70), "```python" + " " * n]:
+    extract_program({"prompt": "def f():\n", "test": "", "entry_point": "f"}, text)
+    extract_program({"prompt": "", "tests": []}, text)
+print("done")
+"""
+
+
+def test_program_extraction_is_linear_on_long_unclosed_fences():
+    """128 KB completions shaped to make a backtracking fence regex quadratic (a long word
+    glued to an unclosed fence took seconds at 30 KB): linear work takes milliseconds, so a
+    generous timeout only catches a quadratic parser."""
+    r = subprocess.run([sys.executable, "-c", FENCE_ATTACKS], capture_output=True, text=True,
+                       timeout=60, cwd=REPO)
+    assert r.stdout == "done\n", r.stderr
 
 
 def test_unit_test_records():
@@ -222,9 +256,9 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
             "            os._exit(0)\n"
             "    return a + b\n"),
         "allocate 10 GB": "def add(a, b):\n    x = bytearray(10 * 2**30)\n    return a + b\n",
-        "print 1 GB": (
+        "print forever": (
             "def add(a, b):\n    chunk = 'x' * 2**20\n"
-            "    for _ in range(1024):\n        print(chunk)\n    return a + b\n"),
+            "    while True:\n        print(chunk)\n"),
         "write outside": (
             f"import os\nPATHS = {canaries!r}\n"
             "def add(a, b):\n"
@@ -315,7 +349,7 @@ def test_an_honest_program_passes_in_the_same_setting(hostile):
 
 
 @pytest.mark.parametrize("name", [
-    "infinite loop", "fork flood", "allocate 10 GB", "print 1 GB", "write outside",
+    "infinite loop", "fork flood", "allocate 10 GB", "print forever", "write outside",
     "delete what it sees", "read the environment", "connect to 127.0.0.1", "kill the parent",
     "sys.exit(0) before the tests", "os._exit(0) in the call", "__eq__ always true",
     "read the tests", "stdin/stdout: kill the runner, fake its reports", "stdin/stdout: print 1 GB",
@@ -339,6 +373,6 @@ def test_hostile_side_effects(hostile):
     with pytest.raises(TimeoutError):
         listener.accept()  # no connection reached the host's loopback
     assert outcomes["infinite loop"].result.timed_out
-    assert outcomes["print 1 GB"].result.stderr_truncated  # the program's stdout is on stderr
+    assert outcomes["print forever"].result.stderr_truncated  # the program's stdout is on stderr
     assert b"MemoryError" in outcomes["allocate 10 GB"].result.stderr
     assert b"not plain data" in outcomes["__eq__ always true"].result.stderr

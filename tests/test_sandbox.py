@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -121,12 +122,73 @@ def test_memory_cpu_and_file_limits():
     assert r.returncode != 0 and not r.timed_out  # SIGXFSZ
 
 
+HOG = """
+import os
+for _ in range(7):
+    if os.fork() == 0:
+        break
+try:
+    os.setsid()  # each child in a session (and scheduler autogroup) of its own
+except OSError:
+    pass  # pid 1 leads its session already
+while True:
+    pass
+"""
+NEEDS_HALF_A_CPU_SECOND = """
+import time
+start = time.process_time()
+while time.process_time() - start < 0.5:
+    pass
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_cpu_hogs_do_not_starve_a_correct_neighbour():
+    """Two runs of 8 busy-looping setsid() processes each, beside a run that needs 0.5 CPU
+    seconds: each run is killed by its own CPU time summed over its processes (cpu_s), so the
+    hogs end at their budget and the correct run then gets the CPUs and passes; the wall
+    clock (timeout_s) is only the backstop."""
+    limits = Limits(cpu_s=2, timeout_s=60)
+    with ThreadPoolExecutor(3) as pool:
+        hogs = [pool.submit(python, HOG, limits) for _ in range(2)]
+        correct = pool.submit(python, NEEDS_HALF_A_CPU_SECOND, limits).result()
+        hogs = [h.result() for h in hogs]
+    assert correct.returncode == 0 and correct.stdout == b"done\n", correct
+    assert 0.4 <= correct.cpu_time_s < 2  # sampled every WATCH_S: a little behind
+    for hog in hogs:
+        assert hog.cpu_exceeded and not hog.timed_out and hog.returncode < 0
+        assert 2 <= hog.cpu_time_s < 4 and hog.duration_s < 50
+
+
+def test_total_memory_of_a_run_is_capped():
+    """Four processes that each touch 200 MB (under their own 512 MB address-space limit):
+    the run's summed resident memory passes total_memory_mb, so the watchdog kills it."""
+    r = python(
+        "import os, time\n"
+        "for _ in range(3):\n"
+        "    if os.fork() == 0:\n"
+        "        break\n"
+        "x = bytearray(200 << 20)\n"
+        "for i in range(0, len(x), 4096):\n"
+        "    x[i] = 1\n"
+        "time.sleep(20)\n",
+        Limits(timeout_s=30, memory_mb=512, total_memory_mb=400, max_procs=8))
+    assert r.memory_exceeded and not r.timed_out and r.returncode < 0 and r.duration_s < 20
+    r = python("x = bytearray(200 << 20)\nx[::4096] = b'1' * len(x[::4096])\nprint('ok')",
+               Limits(memory_mb=512, total_memory_mb=400))
+    assert r.stdout == b"ok\n" and not r.memory_exceeded  # one such process fits
+
+
 def test_output_is_capped():
     r = python("import sys\nwhile True: sys.stdout.write('x' * 65536)", Limits(timeout_s=30))
     assert r.stdout_truncated and not r.stderr_truncated and r.returncode < 0
     assert len(r.stdout) == Limits().max_output_bytes and r.duration_s < 10
     r = python("import sys\nsys.stderr.write('e' * 100)\nprint('fine')")
     assert r.stdout == b"fine\n" and r.stderr == b"e" * 100 and not r.stdout_truncated
+    r = python("import sys\nsys.stderr.write('e' * (2 << 20))\nprint('fine')")  # not killed
+    assert r.stdout == b"fine\n" and r.returncode == 0 and r.stderr_truncated
+    assert r.stderr == b"e" * Limits().max_output_bytes
 
 
 SYSCALL_PROBE = """
