@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from ..sandbox import SANDBOX_PYTHON, Limits, RunResult, check_sandbox, run_program
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
+_FENCE_TAG = re.compile(r"[ \t]*([\w+-]*)")  # anchored at a fence's opening, no backtracking
 _PYTHON_TAGS = ("", "python", "py", "python3")
 _IMPORT = re.compile(r"^(?:from\s+\S+\s+)?import\s.*$", re.M)
 
@@ -168,12 +168,31 @@ def extract_program(record: dict, completion: str) -> str:
     """The program to test: the completion's last fenced Python (or untagged) block, for a
     unit-test record after the prompt's import lines; without one, for a unit-test record the
     prompt followed by the completion (a bare function body), else the completion itself."""
-    blocks = [code for tag, code in _FENCE.findall(completion) if tag.lower() in _PYTHON_TAGS]
+    blocks = [code for tag, code in fenced_blocks(completion) if tag.lower() in _PYTHON_TAGS]
     unit = "tests" not in record
     if blocks:
         imports = "\n".join(_IMPORT.findall(record.get("prompt", ""))) if unit else ""
         return f"{imports}\n{blocks[-1]}" if imports else blocks[-1]
     return record["prompt"] + completion if unit else completion
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(tag, code) of each fenced block: three backticks, an optional tag (word characters,
+    ``+``, ``-``) and the rest of that line, then the code up to the next three backticks.
+    One pass over ``text`` (each character is looked at a bounded number of times), so a long
+    unclosed fence costs linear time, unlike a backtracking regex."""
+    blocks, pos = [], 0
+    while (start := text.find("```", pos)) >= 0:
+        line_end = text.find("\n", start + 3)
+        if line_end < 0:
+            break
+        close = text.find("```", line_end + 1)
+        if close < 0:
+            break
+        tag = _FENCE_TAG.match(text, start + 3, line_end).group(1)
+        blocks.append((tag, text[line_end + 1:close]))
+        pos = close + 3
+    return blocks
 
 
 def run_tests(record: dict, completion: str, limits: Limits = Limits(), *,
