@@ -13,7 +13,8 @@ import argparse
 import os
 import time
 
-from oapl.rewards import get_reward_fn, score_all
+from oapl.batch import score_all
+from oapl.rewards import get_reward_fn
 from oapl.tasks.humaneval import humaneval_records
 
 

@@ -17,7 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from oapl import sandbox
-from oapl.rewards.code import extract_program, fenced_blocks, normalize_output, run_tests
+from benchmarks import code_reward_correctness
+from oapl.rewards.code import (
+    check_record, extract_program, fenced_blocks, normalize_output, run_tests,
+)
 from oapl.config import DataConfig, config_from_dict
 from oapl.batch import score_all
 from oapl.rewards import get_reward_fn
@@ -80,7 +83,9 @@ def test_program_extraction():
     assert extract_program(ADD, "    return a + b\n") == ADD["prompt"] + "    return a + b\n"
     two = ("```python\nx = 1\n```\ntext\n```py\ndef add(a, b):\n    return a + b\n```\n"
            "```text\nout\n```")
-    assert extract_program(ADD, two) == "def add(a, b):\n    return a + b\n"
+    assert extract_program(ADD, two) == ADD["prompt"] + "def add(a, b):\n    return a + b\n"
+    prose = {**ADD, "prompt": "Write add(a, b)."}
+    assert extract_program(prose, two) == "def add(a, b):\n    return a + b\n"
     typed = {**ADD, "prompt": "from typing import List\nimport math\n\n" + ADD["prompt"]}
     assert extract_program(typed, two).startswith("from typing import List\nimport math\n")
     assert extract_program(SUM, SUM_PROGRAM) == SUM_PROGRAM
@@ -126,6 +131,77 @@ def test_unit_test_records():
     assert fn(ADD, "    return a - b\n") == 0.0
     assert fn(ADD, fenced("def plus(a, b):\n    return a + b\n")) == 0.0  # no entry point
     assert fn(ADD, "    return a +\n") == 0.0  # syntax error
+
+
+@pytest.mark.slow
+def test_correctness_benchmark(humaneval):
+    """benchmarks/code_reward_correctness.py: the canonical solutions as fenced full functions
+    score 1, a wrong mutant of each (one that HumanEval's own harness fails) 0, and the
+    semantic cases (in-place changes, callbacks, generators, exception types, prompt helpers,
+    Fractions) 1. (The bare bodies are the humaneval fixture's.)"""
+    named = code_reward_correctness.batches(humaneval[0], workers=16)
+    fn = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S)
+    for name, (records, completions) in named.items():
+        if "bare bodies" in name:
+            continue
+        rewards, failed = score_all(fn, records, completions, workers=16)
+        expected = 0.0 if "expect 0" in name else 1.0
+        wrong = [i for i, x in enumerate(rewards) if x != expected]
+        assert not any(failed) and wrong == [], (name, wrong, [completions[i] for i in wrong[:2]])
+
+
+def test_more_correct_programs_score_1():
+    fn = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S)
+    noisy = "    import sys\n    sys.stderr.write('e' * (2 << 20))\n    print('o' * (2 << 20))\n"
+    assert fn(ADD, noisy + "    return a + b\n") == 1.0  # 2 MB on stderr and stdout
+    adder = {"prompt": "def adder(n):\n", "entry_point": "adder",
+             "test": "def check(candidate):\n    assert candidate(2)(3) == 5\n"}
+    assert fn(adder, "    return lambda x: x + n\n") == 1.0  # a returned function
+    assert fn(adder, "    return lambda x: x - n\n") == 0.0
+    own_error = {"prompt": "class Invalid(Exception):\n    pass\n\n\ndef f(x):\n    'x'\n",
+                 "entry_point": "f", "test": "def check(candidate):\n    try:\n"
+                 "        candidate(-1)\n    except Invalid:\n        return\n    assert False\n"}
+    assert fn(own_error, "    raise Invalid(x)\n") == 1.0  # the prompt's exception type
+    assert fn(own_error, "    raise ValueError(x)\n") == 0.0
+
+
+def test_apps_and_taco_records():
+    fn = get_reward_fn("code", timeout_s=LEGIT_TIMEOUT_S)
+    part = get_reward_fn("code", partial=True, timeout_s=LEGIT_TIMEOUT_S)
+    io = {"inputs": ["1 2\n", "5 5\n", "-4 1\n"], "outputs": ["3\n", "10\n", "-3\n"]}
+    assert fn({"prompt": "sum", "tests": io}, SUM_PROGRAM) == 1.0
+    assert fn({"prompt": "sum", "input_output": json.dumps(io)}, fenced(SUM_PROGRAM)) == 1.0
+    wrong_on_one = SUM_PROGRAM.replace("print(a + b)", "print(a + b if a < 5 else 0)")
+    assert part({"prompt": "sum", "tests": io}, wrong_on_one) == pytest.approx(2 / 3)
+    calls = {"prompt": "add", "input_output": json.dumps(
+        {"fn_name": "add", "inputs": [[1, 2], [5, 5]], "outputs": [[3], [10]]})}
+    assert fn(calls, fenced("def add(a, b):\n    return a + b\n")) == 1.0
+    assert fn(calls, fenced("class Solution:\n    def add(self, a, b):\n"
+                            "        return a + b\n")) == 1.0
+    assert fn(calls, fenced("def add(a, b):\n    return a * b\n")) == 0.0
+    pairs = {"prompt": "pairs", "tests": {"fn_name": "pair", "inputs": [[1]],
+                                          "outputs": [[1, 2]]}}
+    assert fn(pairs, fenced("def pair(a):\n    return (a, a + 1)\n")) == 1.0  # tuple as list
+
+
+def test_bad_records_fail_clearly(tmp_path):
+    fn = get_reward_fn("code")
+    with pytest.raises(ValueError, match=r"needs 'tests'.*it has \[\]"):
+        fn({}, "x")
+    with pytest.raises(ValueError, match="need 'inputs' and 'outputs'"):
+        fn({"prompt": "", "tests": {"inputs": []}}, "x")
+    with pytest.raises(ValueError, match="one length"):
+        fn({"prompt": "", "tests": {"inputs": ["1"], "outputs": []}}, "x")
+    no_call = {**ADD, "test": "def check(candidate):\n    assert True\n"}
+    with pytest.raises(ValueError, match="never calls 'add'"):
+        check_record(no_call)
+    path = tmp_path / "no_call.jsonl"
+    path.write_text(json.dumps(ADD) + "\n" + json.dumps(no_call) + "\n")
+    with pytest.raises(ValueError, match="record 1: the code record's 'test' never calls"):
+        read_records(DataConfig(source=str(path), reward="code"))
+    # A call the tests never make: the harness counts the calls, so an empty body scores 0.
+    dead = {**ADD, "test": "def check(candidate):\n    if False:\n        candidate(1, 2)\n"}
+    assert fn(dead, "") == 0.0 and fn(dead, "    return a + b\n") == 0.0
 
 
 def test_stdin_stdout_records():

@@ -28,13 +28,16 @@ def exact_match(record: dict, completion: str) -> float:
 @dataclass(frozen=True)
 class Reward:
     """A registered reward: ``fn``; the record ``fields`` it reads (checked when the data
-    loads); ``configure(**options) -> fn`` for one that takes options (checked at start);
+    loads), and ``check(record)``, which raises ValueError for a record it cannot score
+    (also when the data loads); ``configure(**options) -> fn`` for one that takes options
+    (checked at start);
     ``workers``: the default size of its scoring pool (``data.reward_workers``);
     ``main_thread``: it only works in the main thread (no pool)."""
 
     fn: RewardFn
     fields: tuple[str, ...]
     configure: Callable[..., RewardFn] | None = None
+    check: Callable[[dict], None] | None = None
     workers: int = 1
     main_thread: bool = False
 
@@ -45,7 +48,8 @@ REWARDS: dict[str, Reward] = {
     "math": Reward(math_answer, ("answer",), main_thread=True),
     "final_answer": Reward(final_answer, ("answer",)),
     # Its threads wait on sandboxed programs, so a batch of hung ones costs about one timeout.
-    "code": Reward(code.code_reward, ("prompt",), configure=code.configure, workers=64),
+    "code": Reward(code.code_reward, ("prompt",), configure=code.configure, workers=64,
+                   check=code.check_record),
 }
 
 

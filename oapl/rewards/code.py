@@ -1,20 +1,24 @@
 """The ``code`` reward: run the program in a completion against a record's tests, sandboxed.
 
-Records come in two forms:
+Records (``check_record`` refuses malformed ones with a one-line error, when the data loads):
 
-- unit tests, HumanEval style: ``{"prompt", "test", "entry_point"}``. The program is the
-  completion's last fenced Python block (after the prompt's import lines), or the prompt
-  followed by the completion when there is no fenced block (a bare function body, as
-  HumanEval samples are). The test process runs the record's prompt and ``test`` and calls
-  ``check(candidate)``; ``candidate`` calls the program's ``entry_point`` in another process
-  and gets its result back as plain data (builtin types only, compared in the test process),
-  so the program can neither patch the test process nor hand back an object whose ``__eq__``
-  always holds. The tests reach the sandbox only through the test process's stdin, never a file.
+- unit tests, HumanEval style: ``{"prompt", "test", "entry_point"}``; ``test`` must call the
+  entry point (or ``candidate``). The program is the prompt (when it is Python: its imports and
+  helpers) followed by the completion's last fenced Python (or untagged) block, or by the
+  completion itself when it has no fenced block (a bare function body, as HumanEval samples
+  are). The tests run in a process of their own and call the entry point in the program's
+  process (``oapl.rewards.code_harness``): the program can neither patch the test process nor
+  hand back an object whose ``__eq__`` always holds, and the tests still see what a call in one
+  process gives (arguments changed in place, callbacks, generators, the exception's type).
 - stdin/stdout cases, DeepCoder / LiveCodeBench / TACO style: ``{"prompt", "tests": [{"input",
-  "output"}, ...]}`` (``tests`` may be a JSON string). The program is the last fenced block, else
+  "output"}, ...]}`` or APPS / TACO's ``{"inputs": [...], "outputs": [...]}`` (under ``tests``
+  or ``input_output``; either may be a JSON string). The program is the last fenced block, else
   the whole completion. Each case runs it once on ``input``; a case passes when it exits 0 and
   its output equals ``output`` after ``normalize_output``. The expected outputs never enter the
   sandbox: only digests of the program's outputs come out.
+- APPS / TACO call-based cases: the same with ``"fn_name"``: each case calls that function
+  (or ``Solution().fn_name``) with ``inputs[i]`` as its arguments, and passes when the result
+  (a tuple as a list) equals ``outputs[i]``, or its one element; run as a unit test.
 
 Either way the harness proves the tests ran to the end: its reports carry a random nonce that
 the program cannot read (it reaches the harness through stdin, and the harness is
@@ -22,17 +26,17 @@ non-dumpable, so the program cannot read its memory, environment or descriptors 
 /proc), so exiting early, killing the harness or printing fake results all score 0.
 
 Reward: 1.0 when every test passes, else 0.0; with ``partial=True`` the fraction of
-stdin/stdout cases passed (a unit-test record is one case). Options (``data.reward_kwargs``):
-``partial``, ``allow_unsandboxed`` and any ``oapl.sandbox.Limits`` field (``timeout_s`` of the
-whole record, ``memory_mb``, ``max_procs``, ...).
+stdin/stdout cases passed (a unit-test or call-based record is one case). Options
+(``data.reward_kwargs``): ``partial``, ``allow_unsandboxed`` and any ``oapl.sandbox.Limits``
+field (``cpu_s`` and ``timeout_s`` of the whole record, ``memory_mb``, ``max_procs``, ...).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -40,119 +44,19 @@ import secrets
 from dataclasses import dataclass
 
 from ..sandbox import SANDBOX_PYTHON, Limits, RunResult, check_sandbox, run_program
+from .code_harness import SERVER, STDIO_HARNESS, UNIT_HARNESS, normalize_output
 
 _FENCE_TAG = re.compile(r"[ \t]*([\w+-]*)")  # anchored at a fence's opening, no backtracking
 _PYTHON_TAGS = ("", "python", "py", "python3")
-_IMPORT = re.compile(r"^(?:from\s+\S+\s+)?import\s.*$", re.M)
-
-# The program's side of a unit-test run: run it, then serve calls of its entry point over two
-# pipes (length-prefixed pickles). Its stdout goes to the run's stderr.
-_SERVER = r'''
-import os, pickle, struct, sys
-path, name = sys.argv[1], sys.argv[2]
-calls, replies = os.fdopen(int(sys.argv[3]), "rb"), os.fdopen(int(sys.argv[4]), "wb")
-namespace = {"__name__": "solution", "__file__": path}
-with open(path) as f:
-    exec(compile(f.read(), path, "exec"), namespace)
-fn = namespace[name]
-while len(head := calls.read(8)) == 8:
-    args, kwargs = pickle.loads(calls.read(struct.unpack("<Q", head)[0]))
-    try:
-        reply = pickle.dumps(("ok", fn(*args, **kwargs)))
-    except Exception as exc:
-        reply = pickle.dumps(("error", type(exc).__name__, repr(exc)[:500]))
-    replies.write(struct.pack("<Q", len(reply)) + reply)
-    replies.flush()
-'''
-
-# The test process of a unit-test run (trusted code; the job arrives on stdin).
-_UNIT_HARNESS = r'''
-import ctypes, io, json, os, pickle, struct, subprocess, sys
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no reading this process via /proc
-job = json.loads(sys.stdin.buffer.read())
-with open("solution.py", "w") as f:
-    f.write(job["program"])
-call_r, call_w = os.pipe()
-reply_r, reply_w = os.pipe()
-subprocess.Popen([sys.executable, "-I", "-c", job["server"], "solution.py", job["entry_point"],
-                  str(call_r), str(reply_w)], stdin=subprocess.DEVNULL, stdout=2,
-                 pass_fds=(call_r, reply_w))
-os.close(call_r)
-os.close(reply_w)
-calls, replies = os.fdopen(call_w, "wb"), os.fdopen(reply_r, "rb")
-PLAIN = {("builtins", n) for n in ("complex", "set", "frozenset", "bytearray", "range", "slice")}
-PLAIN |= {("collections", n) for n in ("OrderedDict", "Counter", "deque")}
-
-class PlainData(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in PLAIN:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"the candidate returned a {module}.{name}, not plain data")
-
-def candidate(*args, **kwargs):
-    data = pickle.dumps((args, kwargs))
-    calls.write(struct.pack("<Q", len(data)) + data)
-    calls.flush()
-    head = replies.read(8)
-    if len(head) < 8:
-        raise RuntimeError("the candidate's process ended")
-    reply = PlainData(io.BytesIO(replies.read(struct.unpack("<Q", head)[0]))).load()
-    if type(reply) is tuple and len(reply) == 2 and reply[0] == "ok":
-        return reply[1]
-    raise RuntimeError(f"the candidate failed: {reply!r:.300}")
-
-namespace = {"__name__": "tests"}
-try:
-    prompt = compile(job["prompt"], "prompt", "exec")
-except SyntaxError:
-    prompt = None  # a prompt in prose: no helpers to take from it
-if prompt is not None:
-    exec(prompt, namespace)
-namespace[job["entry_point"]] = candidate
-exec(compile(job["test"], "test", "exec"), namespace)
-if callable(namespace.get("check")):
-    namespace["check"](candidate)
-print(job["nonce"], flush=True)
-'''
-
-
-def normalize_output(text: str) -> str:
-    """Output as compared: trailing whitespace of each line and trailing empty lines dropped."""
-    lines = [line.rstrip() for line in text.splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    return "\n".join(lines)
-
-
-# The runner of a stdin/stdout run: each input to a fresh run of the program, whose output
-# (a file, so RLIMIT_FSIZE bounds it) is reported as a digest of its normalized text.
-_STDIO_HARNESS = "import hashlib\n" + inspect.getsource(normalize_output) + r'''
-import ctypes, json, os, subprocess, sys
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no reading this process via /proc
-job = json.loads(sys.stdin.buffer.read())
-with open("solution.py", "w") as f:
-    f.write(job["program"])
-for case, text in enumerate(job["inputs"]):
-    with open("output.txt", "w+b") as out:
-        os.unlink("output.txt")
-        proc = subprocess.Popen([sys.executable, "-I", "solution.py"], stdin=subprocess.PIPE,
-                                stdout=out, stderr=2, start_new_session=True)
-        try:
-            proc.communicate(text.encode(), timeout=job["timeout_s"])
-            status = proc.returncode
-        except subprocess.TimeoutExpired:
-            status = None
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        out.seek(0)
-        output = normalize_output(out.read().decode(errors="replace"))
-    digest = hashlib.sha256(output.encode()).hexdigest()
-    print(json.dumps({"nonce": job["nonce"], "case": case, "status": status, "digest": digest}),
-          flush=True)
-'''
+# The test of a call-based case list: the cases arrive as the global CASES.
+_CALL_CASES_TEST = """
+def check(candidate):
+    for args, expected in CASES:
+        got = candidate(*args)
+        got = list(got) if isinstance(got, tuple) else got
+        assert got == expected or (type(expected) is list and len(expected) == 1
+                                   and got == expected[0]), (args, got)
+"""
 
 
 @dataclass(frozen=True)
@@ -165,15 +69,19 @@ class TestOutcome:
 
 
 def extract_program(record: dict, completion: str) -> str:
-    """The program to test: the completion's last fenced Python (or untagged) block, for a
-    unit-test record after the prompt's import lines; without one, for a unit-test record the
-    prompt followed by the completion (a bare function body), else the completion itself."""
+    """The program to test: the completion's last fenced Python (or untagged) block, else the
+    completion itself. For a unit-test record it follows the prompt: always when there is no
+    fenced block (a bare function body completes the prompt's function), and for a block when
+    the prompt is Python (its imports and helpers) or the two make Python together."""
     blocks = [code for tag, code in fenced_blocks(completion) if tag.lower() in _PYTHON_TAGS]
-    unit = "tests" not in record
-    if blocks:
-        imports = "\n".join(_IMPORT.findall(record.get("prompt", ""))) if unit else ""
-        return f"{imports}\n{blocks[-1]}" if imports else blocks[-1]
-    return record["prompt"] + completion if unit else completion
+    program = blocks[-1] if blocks else completion
+    if _kind(record) != "unit":
+        return program
+    prompt = record.get("prompt", "")
+    joined = prompt + program if prompt.endswith("\n") or not prompt else f"{prompt}\n{program}"
+    if not blocks or _is_python(prompt) or _is_python(joined):
+        return joined
+    return program
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
@@ -195,23 +103,49 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
     return blocks
 
 
+def check_record(record: dict) -> None:
+    """Raise ValueError (one line) unless ``record`` is a code record that can be scored: a
+    unit test that calls its entry point, or a non-empty list of cases."""
+    kind = _kind(record)
+    if kind == "cases":
+        _cases(record)
+        return
+    try:
+        tree = ast.parse(record["test"])
+    except SyntaxError as exc:
+        raise ValueError(f"the code record's 'test' is not Python: {exc}") from None
+    called = {node.func.id for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    if not called & {"candidate", record["entry_point"]}:
+        raise ValueError(f"the code record's 'test' never calls {record['entry_point']!r} (or "
+                         "'candidate'): any program, even an empty one, would pass it")
+
+
 def run_tests(record: dict, completion: str, limits: Limits = Limits(), *,
               allow_unsandboxed: bool = False) -> TestOutcome:
     """Run the record's tests on the completion's program in one sandbox run."""
+    check_record(record)
     program, nonce = extract_program(record, completion), secrets.token_hex(16)
-    if "tests" in record:
-        cases = _stdio_cases(record)
-        job = {"program": program, "inputs": [c["input"] for c in cases], "nonce": nonce,
+    if _kind(record) == "cases":
+        cases, fn_name = _cases(record)
+        if fn_name is not None:
+            job = {"program": program, "prompt": "", "test": _CALL_CASES_TEST,
+                   "globals": {"CASES": cases}, "entry_point": fn_name}
+            return _unit_run(job, nonce, limits, allow_unsandboxed)
+        job = {"program": program, "inputs": [i for i, _ in cases], "nonce": nonce,
                "timeout_s": limits.timeout_s}
-        result = _harness_run(_STDIO_HARNESS, job, limits, allow_unsandboxed)
-        expected = [_digest(c["output"]) for c in cases]
+        result = _harness_run(STDIO_HARNESS, job, limits, allow_unsandboxed)
+        expected = [_digest(o) for _, o in cases]
         return TestOutcome(_stdio_passed(result, nonce, expected), len(cases), result)
-    if "test" not in record or "entry_point" not in record:
-        raise ValueError("a code record needs 'tests' (stdin/stdout cases) or 'test' and "
-                         f"'entry_point' (unit tests); it has {sorted(record)}")
     job = {"program": program, "prompt": record.get("prompt", ""), "test": record["test"],
-           "entry_point": record["entry_point"], "nonce": nonce, "server": _SERVER}
-    result = _harness_run(_UNIT_HARNESS, job, limits, allow_unsandboxed)
+           "entry_point": record["entry_point"]}
+    return _unit_run(job, nonce, limits, allow_unsandboxed)
+
+
+def _unit_run(job: dict, nonce: str, limits: Limits, allow_unsandboxed: bool) -> TestOutcome:
+    """A unit-test run: it passed when the test process printed the nonce."""
+    result = _harness_run(UNIT_HARNESS, {**job, "nonce": nonce, "server": SERVER}, limits,
+                          allow_unsandboxed)
     passed = nonce in result.stdout.decode(errors="replace").splitlines()
     return TestOutcome(int(passed), 1, result)
 
@@ -257,14 +191,60 @@ def _harness_run(harness: str, job: dict, limits: Limits, allow_unsandboxed: boo
                        allow_unsandboxed=allow_unsandboxed)
 
 
-def _stdio_cases(record: dict) -> list[dict]:
-    """The record's stdin/stdout cases, as ``{"input": str, "output": str}``."""
-    tests = record["tests"]
+def _kind(record: dict) -> str:
+    """"cases" (stdin/stdout or call-based) or "unit"; ValueError for anything else."""
+    if "tests" in record or "input_output" in record:
+        return "cases"
+    if "test" in record and "entry_point" in record:
+        return "unit"
+    raise ValueError("a code record needs 'tests' (or 'input_output': stdin/stdout or "
+                     "call-based cases) or 'test' and 'entry_point' (unit tests); it has "
+                     f"{sorted(record)}")
+
+
+def _is_python(text: str) -> bool:
+    try:
+        compile(text, "prompt", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _cases(record: dict) -> tuple[list[tuple], str | None]:
+    """The record's cases as (input, output) pairs (str, str for stdin/stdout; argument list,
+    expected result for call-based ones), and the function name of call-based ones."""
+    tests = record["tests"] if "tests" in record else record["input_output"]
     if isinstance(tests, str):
-        tests = json.loads(tests)
-    if not tests:
+        try:
+            tests = json.loads(tests)
+        except ValueError as exc:
+            raise ValueError(f"the code record's tests are not JSON: {exc}") from None
+    if isinstance(tests, dict):
+        if not {"inputs", "outputs"} <= set(tests):
+            raise ValueError("the code record's tests need 'inputs' and 'outputs'; they have "
+                             f"{sorted(tests)}")
+        inputs, outputs = tests["inputs"], tests["outputs"]
+        if not (isinstance(inputs, list) and isinstance(outputs, list)
+                and len(inputs) == len(outputs)):
+            raise ValueError("the code record's 'inputs' and 'outputs' must be lists of one "
+                             "length")
+        pairs, fn_name = list(zip(inputs, outputs)), tests.get("fn_name")
+    elif isinstance(tests, list) and all(isinstance(t, dict) and {"input", "output"} <= set(t)
+                                         for t in tests):
+        pairs, fn_name = [(t["input"], t["output"]) for t in tests], None
+    else:
+        raise ValueError("the code record's 'tests' must be a list of {'input', 'output'} or "
+                         "a dict of 'inputs' and 'outputs'")
+    if not pairs:
         raise ValueError("the code record has an empty 'tests' list")
-    return [{"input": str(t["input"]), "output": str(t["output"])} for t in tests]
+    if fn_name is not None:
+        return [(list(i) if isinstance(i, (list, tuple)) else [i], o) for i, o in pairs], fn_name
+    return [(_text(i), _text(o)) for i, o in pairs], None
+
+
+def _text(value) -> str:
+    """A case's input or output as text: a list (APPS keeps some as lines) joined by lines."""
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _digest(output: str) -> str:

@@ -79,13 +79,18 @@ def load_reward(cfg: DataConfig) -> tuple[RewardFn, int]:
 def read_records(cfg: DataConfig) -> list[dict]:
     """The task's records, checked to hold the fields its reward reads."""
     records = get_task(cfg.source).load(cfg)
-    need = get_reward(reward_name(cfg)).fields
+    reward = get_reward(reward_name(cfg))
     for i, rec in enumerate(records):
-        missing = [k for k in need if k not in rec]
+        missing = [k for k in reward.fields if k not in rec]
         if missing:
             key = cfg.answer_key if missing == ["answer"] else missing[0]
             raise ValueError(
                 f"data.source {cfg.source!r}: record {i} has no field {key!r}, which reward "
                 f"{reward_name(cfg)!r} needs (fields: {sorted(rec)})"
             )
+        if reward.check is not None:
+            try:
+                reward.check(rec)
+            except ValueError as exc:
+                raise ValueError(f"data.source {cfg.source!r}: record {i}: {exc}") from None
     return records
