@@ -379,6 +379,17 @@ def _hostile_cases(canaries: list[str], port: int, secret: str) -> dict[str, tup
         "sys.exit(0) before the tests": (
             "def add(a, b):\n    return a + b\n\nimport sys\nsys.exit(0)\n"),
         "os._exit(0) in the call": "import os\ndef add(a, b):\n    os._exit(0)\n",
+        "forge a reply that runs code in the tests": (  # exec would print the tests' nonce
+            "import pickle, sys\n"
+            "class Evil:\n"
+            "    def __reduce__(self):\n"
+            "        return (exec, (\"import sys; m = sys.modules['__main__']; \"\n"
+            "                       \"print(m.job['nonce'], flush=True); m.os._exit(0)\",))\n"
+            "def add(a, b):\n"
+            "    server = sys.modules['__main__']\n"
+            "    evil = pickle.dumps(('ok', pickle.dumps(Evil()), pickle.dumps(((a, b), {}))))\n"
+            "    server.send(server.replies, evil)\n"
+            "    return a + b\n"),
         "__eq__ always true": (  # made picklable: importable as solution.Anything
             "import sys, types\n"
             "class Anything:\n    def __eq__(self, other):\n        return True\n"
@@ -428,6 +439,7 @@ def test_an_honest_program_passes_in_the_same_setting(hostile):
     "infinite loop", "fork flood", "allocate 10 GB", "print forever", "write outside",
     "delete what it sees", "read the environment", "connect to 127.0.0.1", "kill the parent",
     "sys.exit(0) before the tests", "os._exit(0) in the call", "__eq__ always true",
+    "forge a reply that runs code in the tests",
     "read the tests", "stdin/stdout: kill the runner, fake its reports", "stdin/stdout: print 1 GB",
     "stdin/stdout: infinite loop",
 ])
@@ -452,3 +464,5 @@ def test_hostile_side_effects(hostile):
     assert outcomes["print forever"].result.stderr_truncated  # the program's stdout is on stderr
     assert b"MemoryError" in outcomes["allocate 10 GB"].result.stderr
     assert b"not plain data" in outcomes["__eq__ always true"].result.stderr
+    assert b"builtins.exec, not plain data" in outcomes[
+        "forge a reply that runs code in the tests"].result.stderr
