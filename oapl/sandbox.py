@@ -444,7 +444,7 @@ def uid_lease(gone_timeout_s: float = 10.0) -> Iterator[int]:
     is given back once none of its processes is alive; one whose processes outlive
     ``gone_timeout_s`` stays claimed for this process's lifetime."""
     claims = _claims_dir()
-    busy = {uid for _, uid in _live_processes()}
+    busy = _uids_alive(since=time.monotonic() - 0.1)  # a scan just made by another run will do
     for uid in range(UID_BASE, UID_BASE + UID_COUNT):
         if uid in busy:
             continue
@@ -463,13 +463,28 @@ def uid_lease(gone_timeout_s: float = 10.0) -> Iterator[int]:
         yield uid
     finally:
         deadline = time.monotonic() + gone_timeout_s
-        while processes_of((uid,)) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while uid in _uids_alive(since=time.monotonic()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if processes_of((uid,)):
             log.error("sandbox uid %d still has processes %s; not reusing it",
                       uid, processes_of((uid,)))
         else:
             os.close(fd)
+
+
+_SCAN_LOCK = threading.Lock()
+_scan: tuple[float, frozenset[int]] = (-math.inf, frozenset())  # (when taken, uids alive)
+
+
+def _uids_alive(since: float) -> frozenset[int]:
+    """The uids of the live processes, from a scan of /proc begun at ``since`` or later: the
+    threads of a scoring pool share one scan instead of each making its own."""
+    global _scan
+    with _SCAN_LOCK:
+        if _scan[0] < since:
+            start = time.monotonic()
+            _scan = (start, frozenset(uid for _, uid in _live_processes()))
+        return _scan[1]
 
 
 def _claims_dir() -> str:
