@@ -55,7 +55,7 @@ class DataConfig:
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
     reward: str | None = None  # a name in oapl.rewards.REWARDS; None: the task's own scorer
-    # Options of the reward; only code takes any: partial, timeout_s, memory_mb, max_procs,
+    # Options of the reward; only code takes any: partial, cpu_s, timeout_s, memory_mb, max_procs,
     # allow_unsandboxed, ... (see oapl.rewards.code and oapl.sandbox.Limits).
     reward_kwargs: dict = field(default_factory=dict)
     # Threads that score a batch (a bounded pool). None: 64 for code (its threads wait on
