@@ -314,6 +314,40 @@ def peak_allocated(fn) -> tuple[object, int]:
     return out, max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
+def time_interleaved(calls: list, rows: list[dict], rounds: int) -> None:
+    """Time each zero-argument call of ``calls`` ``rounds`` times, rounds interleaved (A B C A B C
+    ...) so a drifting machine load hits every case alike; fill its row of ``rows`` with
+    ``cpu_s`` / ``wall_s`` (lists: CPU seconds, user + system of this process, the figure to
+    compare on a shared machine; wall seconds) and their medians ``cpu_median_s`` /
+    ``wall_median_s``."""
+    for row in rows:
+        row["cpu_s"], row["wall_s"] = [], []
+    for _ in range(rounds):
+        for call, row in zip(calls, rows):
+            c0, w0 = time.process_time(), time.perf_counter()
+            call()
+            row["cpu_s"].append(time.process_time() - c0)
+            row["wall_s"].append(time.perf_counter() - w0)
+    for row in rows:
+        row["cpu_median_s"] = sorted(row["cpu_s"])[len(row["cpu_s"]) // 2]
+        row["wall_median_s"] = sorted(row["wall_s"])[len(row["wall_s"]) // 2]
+
+
+def timing_cells(row: dict, base: dict) -> str:
+    """Markdown cells of a :func:`time_interleaved` row with ``peak_bytes``: CPU and wall medians,
+    peak MiB, and the CPU and peak ratios to the row ``base``."""
+    return (f"{row['cpu_median_s']:.2f} | {row['wall_median_s']:.2f} | {row['peak_bytes'] / 2**20:,.1f} | "
+            f"{row['cpu_median_s'] / base['cpu_median_s']:.2f}x | {row['peak_bytes'] / base['peak_bytes']:.2f}x |")
+
+
+def emit(rows: list[dict], table: str, json_path: str | None) -> None:
+    """Print a benchmark's markdown ``table``; write its ``rows`` as JSON to ``json_path`` if given."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    print(table)
+
+
 def measure(op: str, impl: str, shape: Shape, *, repeat: int = 1, warmup: int = 1) -> dict:
     """Run one case in this process: peak extra memory of one call and the best of ``repeat`` times.
 

@@ -4,6 +4,12 @@ each way of splitting a sequence across chunks: "torch" (the default plan: here 
 buffer) and "torch two-pass" (the side buffer forbidden, ``tuning.SIDE_BUFFER_SHARE = 0``).
 
     python -m benchmarks.long_completion [--rounds 3] [--json results/cpu-long.json]
+    TRITON_INTERPRET=1 python -m benchmarks.long_completion --contexts [--rounds 1]
+
+``--contexts``: one completion of 2^14, 2^15, 2^16 and 2^17 tokens (D=64, V=32768, the default
+64 MiB workspace), the fused torch path, and naive where its [N, V] logits fit a third of the
+machine's available memory; with the Triton interpreter on, also the fused Triton path at a
+small split-heavy shape (one completion of 1,024 tokens over chunks of 16 rows, D=16, V=512).
 
 All cases run in this one process on the same inputs, rounds interleaved (A B C A B C ...) so
 that a drifting machine load hits every case alike. Per case: the median CPU seconds (user +
@@ -14,24 +20,57 @@ inputs excluded, gradients included). Prints a markdown table, ratios against th
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
+import os
 
 import torch
 
 from oapl_kernels import tuning
 
-from .common import Shape, make_case, make_inputs, peak_allocated
+from oapl_kernels.logprobs import backend
+from oapl_kernels.triton import interpreting
+
+from .common import Shape, emit, make_case, make_inputs, peak_allocated, time_interleaved, timing_cells
 
 LONG = Shape(1, 8192, 64, 32768, prompt=0)
 SHORT = Shape(64, 128, 64, 32768, prompt=0)
 TWO_PASS = "torch two-pass"
 CASES = [(LONG, "torch"), (LONG, TWO_PASS), (LONG, "torch-unfused"), (LONG, "naive"), (SHORT, "torch")]
+CONTEXTS = [Shape(1, 2**k, 64, 32768, prompt=0) for k in range(14, 18)]
+INTERPRETED = Shape(1, 1024, 16, 512, prompt=0)
+INTERPRETED_ROWS = 16
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def context_cases() -> list:
+    """The --contexts cases: fused torch at each length, naive where 3 fp32 [N, V] tensors
+    (logits, log-softmax, their gradient) fit a third of the available memory, and the
+    interpreted Triton case when TRITON_INTERPRET=1."""
+    cases = [(shape, "torch") for shape in CONTEXTS]
+    cases += [(shape, "naive") for shape in CONTEXTS if 3 * 4 * shape.n * shape.v * 3 < _available_bytes()]
+    if interpreting():
+        cases.append((INTERPRETED, "triton"))
+    return cases
 
 
 def _case(impl: str, inputs: dict):
-    """make_case's callable; for TWO_PASS the fused path with the side buffer forbidden."""
+    """make_case's callable; for TWO_PASS the fused path with the side buffer forbidden; for
+    "triton" (interpreted) the fused path with a workspace of INTERPRETED_ROWS rows."""
+    if impl == "triton":
+        chunk = backend("triton").FusedChunk
+        os.environ[tuning.WORKSPACE_ENV] = str(INTERPRETED_ROWS * chunk.bytes_per_row(
+            inputs["weight"].shape[0], inputs["weight"].shape[1], torch.float32) / 2**20)
+        call = make_case("oapl_fwdbwd", "triton", inputs)
+
+        def interpreted():
+            try:
+                return call()
+            finally:
+                os.environ.pop(tuning.WORKSPACE_ENV)
+        return interpreted
     if impl != TWO_PASS:
         return make_case("oapl_fwdbwd", impl, inputs)
     call = make_case("oapl_fwdbwd", "torch", inputs)
@@ -49,32 +88,22 @@ def run(cases, rounds: int) -> list[dict]:
     """Measure each (shape, impl) case: CPU and wall seconds per round, peak bytes."""
     inputs = {shape: make_inputs(shape, torch.device("cpu")) for shape in {s for s, _ in cases}}
     calls = [_case(impl, inputs[shape]) for shape, impl in cases]
-    rows = [{"shape": shape.id, "impl": impl, "cpu_s": [], "wall_s": []} for shape, impl in cases]
+    rows = [{"shape": shape.id, "impl": impl} for shape, impl in cases]
     for call, row in zip(calls, rows):
         call()  # warm-up
         row["peak_bytes"] = peak_allocated(call)[1]
-    for _ in range(rounds):
-        for call, row in zip(calls, rows):
-            c0, w0 = time.process_time(), time.perf_counter()
-            call()
-            row["cpu_s"].append(time.process_time() - c0)
-            row["wall_s"].append(time.perf_counter() - w0)
-    for row in rows:
-        row["cpu_median_s"] = sorted(row["cpu_s"])[len(row["cpu_s"]) // 2]
-        row["wall_median_s"] = sorted(row["wall_s"])[len(row["wall_s"]) // 2]
+    time_interleaved(calls, rows, rounds)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """One table: per case its CPU and wall medians, peak MiB, and CPU/peak ratios to the fused path."""
-    fused = {r["shape"]: r for r in rows if r["impl"] == "torch"}
+    fused = {r["shape"]: r for r in rows if r["impl"] in ("torch", "triton")}
     out = ["| shape | impl | CPU s (median) | wall s (median) | peak MiB | CPU vs fused | peak vs fused |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         f = fused[r["shape"]]
-        out.append(f"| {r['shape']} | {r['impl']} | {r['cpu_median_s']:.2f} | {r['wall_median_s']:.2f} | "
-                   f"{r['peak_bytes'] / 2**20:,.1f} | {r['cpu_median_s'] / f['cpu_median_s']:.2f}x | "
-                   f"{r['peak_bytes'] / f['peak_bytes']:.2f}x |")
+        out.append(f"| {r['shape']} | {r['impl']} | {timing_cells(r, f)}")
     return "\n".join(out)
 
 
@@ -83,12 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write the measured rows here")
+    ap.add_argument("--contexts", action="store_true", help="the 2^14..2^17-token table instead")
     args = ap.parse_args(argv)
-    rows = run(CASES, args.rounds)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
+    rows = run(context_cases() if args.contexts else CASES, args.rounds)
+    emit(rows, markdown(rows), args.json)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,24 @@ from .rewards import RewardFn
 log = logging.getLogger(__name__)
 
 
+ROLLOUT_STATUSES = ("done", "truncated", "failed")
+
+
 @dataclass
 class Rollout:
-    """One sampled completion. ``logprobs[j]`` is the sampler's log pi_lag(completion_ids[j] |
-    prefix) at the sampling temperature (after top-k/top-p renormalization when those are set;
-    untempered with ``logprobs_mode="raw_logprobs"``); ``version`` is the trainer step whose
-    weights the engine held when it sampled."""
+    """One sampled rollout: the prompt's ids, then ``completion_ids``, every token after the
+    prompt. ``logprobs[j]`` is the sampler's log pi_lag(completion_ids[j] | prefix) at the
+    sampling temperature (after top-k/top-p renormalization when those are set; untempered
+    with ``logprobs_mode="raw_logprobs"``); ``version`` is the trainer step whose weights the
+    engine held when it sampled (its first model segment's, for a multi-turn rollout).
+
+    A multi-turn rollout (``oapl.rollout``) alternates model segments and environment
+    segments: ``segments`` lists the model's as ``(start, stop, version)`` ranges of
+    ``completion_ids`` with the policy version that sampled each; the tokens outside them are
+    the environment's (its replies with the chat template's turn markers, tokenized once),
+    with log-prob 0.0 and no loss. None: one model segment, the whole completion, at
+    ``version`` (a single-turn rollout). ``status``: ``done``, ``truncated`` (a turn or token
+    limit ended it) or ``failed`` (its environment broke)."""
 
     prompt_index: int
     prompt_ids: list[int]
@@ -37,6 +49,24 @@ class Rollout:
     logprobs: list[float]
     finish_reason: str
     version: int
+    segments: list[tuple[int, int, int]] | None = None
+    status: str = "done"
+
+    @property
+    def model_mask(self) -> list[bool]:
+        """Per completion token: True where the model sampled it (the tokens the loss sees)."""
+        if self.segments is None:
+            return [True] * len(self.completion_ids)
+        mask = [False] * len(self.completion_ids)
+        for start, stop, _ in self.segments:
+            mask[start:stop] = [True] * (stop - start)
+        return mask
+
+    @property
+    def num_model_tokens(self) -> int:
+        if self.segments is None:
+            return len(self.completion_ids)
+        return sum(stop - start for start, stop, _ in self.segments)
 
 
 @dataclass
@@ -64,7 +94,8 @@ class TrainBatch:
 
     input_ids [B, L] int64: prompt then completion, then padding.
     attention_mask [B, L] int64: 1 on real tokens.
-    loss_mask [B, L-1] bool: True where target t (= input_ids[:, t + 1]) is a completion token.
+    loss_mask [B, L-1] bool: True where target t (= input_ids[:, t + 1]) is a completion token
+    the model sampled (environment tokens of a multi-turn rollout are not).
     sampler_logprobs [B, L-1] fp32: the engine's log-prob of target t (0 off the mask).
     rewards [B] fp32; versions [B] int64: the policy version that sampled each row.
     values [B] fp32 or None: a precomputed V* per row (offline rollout files), else OAPL
@@ -132,8 +163,9 @@ def collate(rollouts: Sequence[Rollout], rewards: Sequence[float], pad_id: int,
             )
         ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids, dtype=torch.long)
         attn[i, : p + c] = 1
-        mask[i, p - 1 : p - 1 + c] = True
-        lps[i, p - 1 : p - 1 + c] = torch.tensor(r.logprobs, dtype=torch.float32)
+        model = torch.tensor(r.model_mask, dtype=torch.bool)
+        mask[i, p - 1 : p - 1 + c] = model
+        lps[i, p - 1 : p - 1 + c] = torch.tensor(r.logprobs, dtype=torch.float32) * model
     return TrainBatch(
         input_ids=ids,
         attention_mask=attn,

@@ -32,7 +32,7 @@ def prepare_tiny(cfg: Config) -> str:
     """The tiny model built (once, deterministically) under ``<output_dir>/base_model``, with
     its format warm-up (``model.tiny_format_warmup_steps``) on the toy task's prompts."""
     steps = cfg.model.tiny_format_warmup_steps
-    prompts, answers, vocab, answer_len = [], [], None, 1
+    prompts, answers, vocab, answer_len, examples = [], [], None, 1, None
     task = toy_task(cfg.data.source[4:]) if cfg.data.source.startswith("toy:") else None
     if task is not None:
         vocab, answer_len = task.vocab, task.answer_len  # the task's vocabulary (None: VOCAB)
@@ -40,8 +40,12 @@ def prepare_tiny(cfg: Config) -> str:
         if task is None:
             raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
         tok = tiny.build_tokenizer(vocab or tiny.VOCAB)
-        prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"] for r in task.records]
-        answers = task.answers
+        if task.warmup_examples is not None:  # whole sequences (a multi-turn task's)
+            examples = task.warmup_examples(tok)
+        else:
+            prompts = [tok(cfg.data.prompt_template.format(**r))["input_ids"]
+                       for r in task.records]
+            answers = task.answers
     return tiny.build_tiny_model(
         os.path.join(cfg.output_dir, "base_model"),
         seed=cfg.model.tiny_seed,
@@ -50,6 +54,7 @@ def prepare_tiny(cfg: Config) -> str:
         warmup_steps=steps,
         vocab=vocab,
         warmup_answer_len=answer_len,
+        warmup_examples=examples,
     )
 
 

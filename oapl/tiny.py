@@ -122,6 +122,41 @@ def format_warmup(
     model.eval()
 
 
+def sequence_warmup(
+    model: LlamaForCausalLM,
+    examples: Sequence[tuple[Sequence[int], Sequence[bool]]],
+    pad_token_id: int,
+    *,
+    steps: int,
+    seed: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+) -> None:
+    """Supervised warm-up on whole sequences, in place: ``examples`` are (token ids, loss
+    mask) pairs of any lengths (right-padded per batch), drawn uniformly; the loss covers the
+    masked tokens (a multi-turn task's model turns, not its environment's)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(len(ids) for ids, _ in examples)
+    ids_t = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels_t = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (ids, mask) in enumerate(examples):
+        if len(mask) != len(ids):
+            raise ValueError(f"warm-up example {i}: {len(mask)} mask entries for {len(ids)} ids")
+        ids_t[i, : len(ids)] = torch.tensor(list(ids))
+        keep = torch.tensor(list(mask), dtype=torch.bool)
+        labels_t[i, : len(ids)] = torch.where(keep, ids_t[i, : len(ids)], -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(examples), (batch_size,), generator=gen)
+        loss = model(input_ids=ids_t[rows], attention_mask=(ids_t[rows] != pad_token_id).long(),
+                     labels=labels_t[rows]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def build_tiny_model(
     out_dir: str,
     *,
@@ -131,13 +166,15 @@ def build_tiny_model(
     warmup_steps: int = 0,
     vocab: Sequence[str] | None = None,
     warmup_answer_len: int = 1,
+    warmup_examples: Sequence[tuple[Sequence[int], Sequence[bool]]] | None = None,
 ) -> str:
     """Write the tiny model + tokenizer to ``out_dir`` (a HF directory) and return ``out_dir``.
 
     ``vocab``: the task's token list (None: ``VOCAB``, the demo's); ``warmup_answer_len``:
-    answer tokens per warm-up example. Deterministic in its arguments; a directory already
-    built with the same arguments is reused. The write is atomic (temporary directory, then
-    rename).
+    answer tokens per warm-up example; ``warmup_examples``: (ids, loss mask) pairs for a
+    warm-up on whole sequences (``sequence_warmup``) instead of prompts and answers.
+    Deterministic in its arguments; a directory already built with the same arguments is
+    reused. The write is atomic (temporary directory, then rename).
     """
     spec = {
         "seed": seed,
@@ -150,6 +187,9 @@ def build_tiny_model(
         spec["vocab"] = list(vocab)
     if warmup_answer_len != 1:
         spec["warmup_answer_len"] = warmup_answer_len
+    if warmup_examples is not None:
+        spec["warmup_examples"] = [[list(ids), [bool(m) for m in mask]]
+                                   for ids, mask in warmup_examples]
     vocab_list = list(vocab) if vocab is not None else VOCAB
     marker = os.path.join(out_dir, _MARKER)
     if os.path.exists(marker):
@@ -159,7 +199,10 @@ def build_tiny_model(
         raise ValueError(f"{out_dir} holds a tiny model built with other settings; remove it")
     tokenizer = build_tokenizer(vocab_list)
     model = build_model(seed, vocab_list)
-    if warmup_steps:
+    if warmup_steps and warmup_examples is not None:
+        sequence_warmup(model, warmup_examples, tokenizer.pad_token_id, steps=warmup_steps,
+                        seed=seed)
+    elif warmup_steps:
         answer_ids = [tokenizer.convert_tokens_to_ids(a) for a in warmup_answers]
         if tokenizer.unk_token_id in answer_ids:
             raise ValueError(f"warm-up answers {list(warmup_answers)} are not all single tokens")

@@ -8,8 +8,8 @@ forward plus a recomputing backward. dH and dW are kept; the backward only scale
 incoming scalar gradient. This is exact as long as the OAPL loss is what gets differentiated;
 a caller who adds other per-token terms uses :func:`oapl_kernels.linear_logprobs`.
 
-Memory: a chunk's buffers (the backend's ``FusedChunk``, ``bytes_per_row`` each row) fit the
-workspace whatever the sequence lengths. Rows are packed into chunks of at most ``rows``
+Memory: a chunk's buffers (the backend's ``FusedChunk``: ``bytes_per_row`` each row and
+``fixed_bytes`` in all) fit the workspace whatever the sequence lengths (:func:`plan`). Rows are packed into chunks of at most ``rows``
 rows; a sequence that fits a chunk is never split (a chunk ends before it instead), a longer
 one is split across chunks, and its S_i is not known when its first chunk is visited. Two
 ways, chosen by ``tuning.fused_plan``:
@@ -29,7 +29,16 @@ import itertools
 
 import torch
 
+from . import tuning
 from .objective import OAPLObjective
+
+
+def plan(chunk_type, workspace: int, weight: torch.Tensor, longest: int) -> tuple[int, bool]:
+    """(rows per chunk, side buffer?) of the backend's ``chunk_type`` (its ``FusedChunk``) for
+    ``weight`` [V, D] within ``workspace`` bytes, the longest sequence having ``longest`` rows."""
+    vocab, dim = weight.shape
+    return tuning.fused_plan(workspace, chunk_type.bytes_per_row(vocab, dim, weight.dtype), weight.numel() * 4,
+                             longest, chunk_type.fixed_bytes(vocab, dim, weight.dtype), chunk_type.row_multiple)
 
 
 def plan_chunks(lengths: list[int], rows: int) -> list[tuple[int, int]]:
@@ -67,7 +76,7 @@ class FusedOAPL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, lengths, objective: OAPLObjective, inv_temp, chunk_type, rows,
-                side_buffer):
+                side_buffer, filter_eps):
         k, n_seq, dev = hidden.shape[0], len(lengths), hidden.device
         starts = list(itertools.accumulate(lengths, initial=0))
         long_seqs = [i for i, n in enumerate(lengths) if n > rows]
@@ -117,7 +126,7 @@ class FusedOAPL(torch.autograd.Function):
             if side is not None and starts[s1] > r1:  # the last sequence stays open: g = 1 for now
                 open_seq, side_from = s1 - 1, max(starts[s1 - 1], r0) - r0
                 g[side_from:] = 1.0
-            chunk.grads(h, y, g, inv_temp, d_hidden[r0:r1], d_weight, side, side_from)
+            chunk.grads(h, y, g, inv_temp, d_hidden[r0:r1], d_weight, side, side_from, filter_eps)
         ctx.grads = (d_hidden, d_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logp, entropy, res)
         return objective.loss(res), logp, entropy, res
@@ -125,4 +134,4 @@ class FusedOAPL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         d_hidden, d_weight = ctx.grads
-        return d_hidden * grad_loss.to(d_hidden.dtype), d_weight * grad_loss.to(d_weight.dtype), *([None] * 7)
+        return d_hidden * grad_loss.to(d_hidden.dtype), d_weight * grad_loss.to(d_weight.dtype), *([None] * 8)

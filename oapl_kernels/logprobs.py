@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference, tuning
+from . import filtering, reference, tuning
 
 IMPLS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,10 +70,11 @@ class _LinearLogprobs(torch.autograd.Function):
     """logp [N] (and entropy [N]) of rows that all have a target; grads to hidden and weight."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, impl, workspace):
+    def forward(ctx, hidden, weight, targets, inv_temp, with_entropy, impl, workspace, filter_eps):
         lse, zy, mean = backend(impl).forward_stats(hidden, weight, targets, inv_temp, with_entropy, workspace)
         ctx.save_for_backward(hidden, weight, targets, lse, mean if with_entropy else lse)
         ctx.inv_temp, ctx.with_entropy, ctx.impl, ctx.workspace = inv_temp, with_entropy, impl, workspace
+        ctx.filter_eps = filter_eps
         logp = zy - lse
         entropy = lse - mean if with_entropy else None
         return logp, entropy
@@ -84,19 +85,21 @@ class _LinearLogprobs(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         grad_logp = grad_logp.float().contiguous()
-        if ctx.with_entropy and grad_entropy is not None:
+        # An entropy nobody differentiated arrives as zeros: the cheaper log-prob-only backward.
+        if ctx.with_entropy and grad_entropy is not None and bool(grad_entropy.any()):
             grad_entropy = grad_entropy.float().contiguous()
         else:
             grad_entropy = None
         dh, dw = backend(ctx.impl).backward(hidden, weight, targets, ctx.inv_temp, lse, mean, grad_logp,
                                             grad_entropy, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                            ctx.workspace)
-        return dh, dw, None, None, None, None, None
+                                            ctx.workspace, ctx.filter_eps)
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     temperature: float = 1.0, ignore_index: int = -100,
-                    return_entropy: bool = False, impl: str = "auto", workspace_bytes: int | None = None):
+                    return_entropy: bool = False, impl: str = "auto", workspace_bytes: int | None = None,
+                    grad_filter_eps: float = 0.0):
     """Log-probs of ``targets`` under softmax(hidden @ weight.T / temperature), never forming the logits.
 
     Args:
@@ -111,12 +114,19 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         workspace_bytes: memory the op may use beyond its inputs, outputs, gradients and O(N)
             per-token statistics (int bytes; None: 2 GiB on CUDA, 64 MiB elsewhere). The env
             variable OAPL_WORKSPACE_MB overrides it (see :mod:`oapl_kernels.tuning`).
+        grad_filter_eps: in [0, 1); > 0: the backward skips the vocab blocks whose softmax
+            probabilities are all below it for every row (never a block holding a target), an
+            approximation of the gradient (:mod:`oapl_kernels.filtering`); 0 (default): exact.
+
+    On the torch path a row's log-prob and entropy are bitwise the same whatever other rows
+    share the call (fixed GEMM tiles, see ``tuning.ROW_TILE``), at a fixed torch thread count.
 
     Returns:
         logp [...] float32, or (logp, entropy) both [...] float32 when ``return_entropy``.
         Differentiable w.r.t. hidden and weight; the gradients have their dtypes.
     """
     check_inputs(hidden, weight, targets, temperature, ignore_index)
+    filter_eps = filtering.check_eps(grad_filter_eps)
     impl = resolve_impl(impl, hidden.device)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -133,7 +143,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         h = h.contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     workspace = tuning.workspace_bytes(hidden.device, workspace_bytes)
-    logp, entropy = _LinearLogprobs.apply(h, w, y, 1.0 / float(temperature), return_entropy, impl, workspace)
+    logp, entropy = _LinearLogprobs.apply(h, w, y, 1.0 / float(temperature), return_entropy, impl, workspace,
+                                          filter_eps)
     if compact:
         logp = logp.new_zeros(keep.shape).index_put((rows,), logp)
         if return_entropy:

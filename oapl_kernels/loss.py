@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tuning
-from .fused import FusedOAPL
+from . import filtering, tuning
+from .fused import FusedOAPL, plan
 from .logprobs import backend, check_inputs, linear_logprobs, resolve_impl
 from .objective import SEQUENCE, TOKEN, OAPLObjective, grpo_token_terms
 
@@ -106,12 +106,13 @@ def _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
     _groups(rewards, group_size)
 
 
-def _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes):
+def _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes, grad_filter_eps):
     """Masked token log-probs and entropies [B, T] (0 off the mask) and the bool mask."""
     m = mask.bool() if mask.dtype != torch.bool else mask
     tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
     logp, ent = linear_logprobs(hidden, weight, tgt, temperature=temperature, ignore_index=_IGNORE,
-                                return_entropy=True, impl=impl, workspace_bytes=workspace_bytes)
+                                return_entropy=True, impl=impl, workspace_bytes=workspace_bytes,
+                                grad_filter_eps=grad_filter_eps)
     return logp, ent, m
 
 
@@ -123,8 +124,9 @@ def _masked_ref(inference_logprobs: torch.Tensor, m: torch.Tensor, name: str = "
     return ref
 
 
-def _fused_oapl(hidden, weight, targets, m, objective, temperature, impl, workspace_bytes):
-    """(loss, logp [B, T], entropy [B, T], residuals [B]) through :class:`FusedOAPL`."""
+def _fused_oapl(hidden, weight, targets, m, objective, temperature, impl, workspace_bytes, grad_filter_eps):
+    """(loss, logp [B, T], entropy [B, T], residuals [B]) through :class:`FusedOAPL`, which sees
+    only the masked positions (gathered here, sequence-major)."""
     tgt = torch.where(m, targets, torch.full_like(targets, _IGNORE))
     check_inputs(hidden, weight, tgt, temperature, _IGNORE)
     chunk_type = backend(resolve_impl(impl, hidden.device)).FusedChunk
@@ -132,11 +134,11 @@ def _fused_oapl(hidden, weight, targets, m, objective, temperature, impl, worksp
     h = hidden.reshape(-1, hidden.shape[-1])[rows_kept]
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     lengths = m.sum(dim=1).tolist()
-    rows, side_buffer = tuning.fused_plan(tuning.workspace_bytes(hidden.device, workspace_bytes),
-                                          chunk_type.bytes_per_row(w.shape[0], w.shape[1], w.dtype),
-                                          w.numel() * 4, max(lengths, default=0))
+    rows, side_buffer = plan(chunk_type, tuning.workspace_bytes(hidden.device, workspace_bytes), w,
+                             max(lengths, default=0))
     loss, logp_k, ent_k, res = FusedOAPL.apply(h, w, tgt.reshape(-1)[rows_kept], lengths, objective,
-                                               1.0 / float(temperature), chunk_type, rows, side_buffer)
+                                               1.0 / float(temperature), chunk_type, rows, side_buffer,
+                                               filtering.check_eps(grad_filter_eps))
     logp = logp_k.new_zeros(m.numel()).index_put_((rows_kept,), logp_k).view(m.shape)
     ent = ent_k.new_zeros(m.numel()).index_put_((rows_kept,), ent_k).view(m.shape)
     return loss, logp, ent, res
@@ -146,7 +148,7 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, beta1: float, beta2: float, temperature: float = 1.0,
               values: torch.Tensor | None = None, impl: str = "auto", fused: bool = True,
-              workspace_bytes: int | None = None) -> LossOutput:
+              workspace_bytes: int | None = None, grad_filter_eps: float = 0.0) -> LossOutput:
     """OAPL loss mean_i (beta2 * (log pi_theta(y_i) - log pi_vllm(y_i)) - A_i)^2, fused.
 
     Args:
@@ -172,6 +174,10 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         workspace_bytes: memory the op may use beyond its inputs, outputs, gradients and O(N)
             per-token statistics, whatever the completion lengths (int bytes; None: 2 GiB on
             CUDA, 64 MiB elsewhere; OAPL_WORKSPACE_MB overrides it, see :mod:`oapl_kernels.tuning`).
+        grad_filter_eps: in [0, 1); > 0: the gradient skips the vocab blocks whose softmax
+            probabilities are all below it in every row of a chunk (never a target's block),
+            see :mod:`oapl_kernels.filtering`; 0 (default): exact. The loss and log-probs are
+            never filtered.
 
     Returns:
         :class:`LossOutput`; ``loss`` differentiable w.r.t. hidden and weight.
@@ -197,9 +203,10 @@ def oapl_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if fused and needs_grad:
         loss, logp, ent, res = _fused_oapl(hidden, weight, targets, m, objective, temperature, impl,
-                                           workspace_bytes)
+                                           workspace_bytes, grad_filter_eps)
     else:
-        logp, ent, m = _token_logprobs(hidden, weight, targets, m, temperature, impl, workspace_bytes)
+        logp, ent, m = _token_logprobs(hidden, weight, targets, m, temperature, impl, workspace_bytes,
+                                       grad_filter_eps)
         res = objective.residuals(logp.sum(dim=1))
         loss = objective.loss(res)
     n_tok = m.sum().clamp(min=1)
@@ -214,7 +221,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               inference_logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
               group_size: int, clip_eps: float = 0.2, temperature: float = 1.0,
               old_logprobs: torch.Tensor | str | None = None, tis_cap: float | None = None,
-              scale_rewards: bool = True, impl: str = "auto", workspace_bytes: int | None = None) -> LossOutput:
+              scale_rewards: bool = True, impl: str = "auto", workspace_bytes: int | None = None,
+              grad_filter_eps: float = 0.0) -> LossOutput:
     """GRPO baseline: group-normalized advantages, token-level clipped ratio, optional truncated IS.
 
     The ratio is pi_theta / pi_old per token, where pi_old is
@@ -229,7 +237,7 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     min(pi_old / pi_vllm, tis_cap) (truncated importance sampling). The loss is the mean over
     all masked tokens of -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
 
-    Shapes and dtypes (and ``impl``, ``workspace_bytes``) as in :func:`oapl_loss`;
+    Shapes and dtypes (and ``impl``, ``workspace_bytes``, ``grad_filter_eps``) as in :func:`oapl_loss`;
     A_i = (r_i - mean_g r) / (std_g r + 1e-6) (``scale_rewards=False`` keeps r_i - mean_g r).
     The per-token terms are :func:`oapl_kernels.objective.grpo_token_terms`.
     """
@@ -238,7 +246,8 @@ def grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if tis_cap is not None and not tis_cap > 0:
         raise ValueError(f"tis_cap must be > 0, got {tis_cap}")
     _check_batch(hidden, targets, inference_logprobs, rewards, mask, group_size)
-    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes)
+    logp, ent, m = _token_logprobs(hidden, weight, targets, mask, temperature, impl, workspace_bytes,
+                                   grad_filter_eps)
     r = _groups(rewards, group_size)
     mean = r.mean(dim=1, keepdim=True)
     adv = r - mean
@@ -271,18 +280,20 @@ class OAPLLoss(torch.nn.Module):
     """
 
     def __init__(self, *, beta1: float, beta2: float, group_size: int, temperature: float = 1.0,
-                 impl: str = "auto", workspace_bytes: int | None = None):
+                 impl: str = "auto", workspace_bytes: int | None = None, grad_filter_eps: float = 0.0):
         super().__init__()
         if not beta1 > 0 or not beta2 > 0:
             raise ValueError(f"beta1 and beta2 must be > 0, got {beta1}, {beta2}")
         self.beta1, self.beta2, self.group_size = beta1, beta2, group_size
         self.temperature, self.impl, self.workspace_bytes = temperature, impl, workspace_bytes
+        self.grad_filter_eps = filtering.check_eps(grad_filter_eps)
 
     def forward(self, hidden, weight, targets, inference_logprobs, rewards, mask, values=None):
         return oapl_loss(hidden, weight, targets, inference_logprobs, rewards, mask,
                          group_size=self.group_size, beta1=self.beta1, beta2=self.beta2,
                          temperature=self.temperature, values=values, impl=self.impl,
-                         workspace_bytes=self.workspace_bytes)
+                         workspace_bytes=self.workspace_bytes, grad_filter_eps=self.grad_filter_eps)
 
     def extra_repr(self) -> str:
-        return f"beta1={self.beta1}, beta2={self.beta2}, group_size={self.group_size}, temperature={self.temperature}"
+        return (f"beta1={self.beta1}, beta2={self.beta2}, group_size={self.group_size}, "
+                f"temperature={self.temperature}, grad_filter_eps={self.grad_filter_eps}")

@@ -44,6 +44,19 @@ SPLIT_ALIGN, MIN_SPLIT_COLS, MAX_SPLIT_COLS, PROGRAMS_PER_SM = 256, 256, 4096, 4
 # Triton path) and smallest row chunk of the Triton forward in 'gemm' mode.
 MIN_CHUNK_COLS = 256
 MIN_FORWARD_ROWS = 16
+# The torch path's logits walk (forward statistics and the fused loss): GEMMs of exactly ROW_TILE
+# rows (the last tile zero-padded) and VOCAB_TILE columns, reductions over one tile row in vocab
+# order, whatever N: a row's log-prob is bitwise the same whichever rows share its call. MKL's
+# sgemm gives a row different bits for some small M (1-3, 5-7, 9-11 with two threads); a fixed M
+# takes that away. 128 x 2048 ran within 3% of the old [N, workspace] tiles (D=576, one thread).
+ROW_TILE, VOCAB_TILE = 128, 2048
+# Gradient filtering (grad_filter_eps > 0, oapl_kernels.filtering): vocab blocks of FILTER_COLS
+# columns on the torch path and under the Triton interpreter (a multiple of its BLOCK_V), of
+# GPU_FILTER_COLS in compiled kernels (a multiple of every BLOCK_V). Narrow blocks skip more:
+# on SmolLM2-135M's own distributions, chunks of 256 rows, eps 1e-4, 64-column blocks left out
+# 37% of the blocks, 256-column ones 9% (docs/PERF.md).
+FILTER_COLS = 64
+GPU_FILTER_COLS = 256
 # The fused loss keeps the dW of a sequence split across chunks in an fp32 [V, D] side buffer
 # (3 GEMM-equivalents) when that buffer takes at most this share of the workspace; otherwise a
 # first statistics pass over the split sequences finds their sums (4 GEMM-equivalents on their
@@ -83,14 +96,21 @@ def chunk_rows(budget: int, bytes_per_row: int, minimum: int = 1) -> int:
     return max(minimum, budget // max(bytes_per_row, 1))
 
 
-def fused_plan(workspace: int, bytes_per_row: int, side_bytes: int, longest: int) -> tuple[int, bool]:
+def fused_plan(workspace: int, bytes_per_row: int, side_bytes: int, longest: int, fixed_bytes: int = 0,
+               row_multiple: int = 1) -> tuple[int, bool]:
     """(rows per chunk, side buffer?) for the fused loss whose longest sequence has ``longest``
     rows: no side buffer when every sequence fits a chunk of the whole workspace; else one of
-    ``side_bytes`` when it fits SIDE_BUFFER_SHARE of the workspace, the chunks taking the rest."""
-    rows = chunk_rows(workspace, bytes_per_row)
+    ``side_bytes`` when it fits SIDE_BUFFER_SHARE of the workspace, the chunks taking the rest.
+    ``fixed_bytes``: what a chunk costs whatever its rows (taken off the workspace first);
+    rows are rounded down to a multiple of ``row_multiple`` when there are at least that many."""
+    def rows_for(budget):
+        rows = chunk_rows(budget - fixed_bytes, bytes_per_row)
+        return rows // row_multiple * row_multiple if rows >= row_multiple else rows
+
+    rows = rows_for(workspace)
     if longest <= rows or side_bytes > SIDE_BUFFER_SHARE * workspace:
         return rows, False
-    return chunk_rows(workspace - side_bytes, bytes_per_row), True
+    return rows_for(workspace - side_bytes), True
 
 
 def chunk_cols(n_rows: int, vocab: int, budget: int, bytes_per_cell: int, align: int = 1) -> int:

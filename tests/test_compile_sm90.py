@@ -1,5 +1,6 @@
-"""Every Triton kernel at every GPU block config compiles for the H100 (sm_90) on this CPU,
-fits Hopper's shared memory, uses tensor cores (wgmma) and async copies for its loads."""
+"""Every Triton kernel at every GPU block config, with and without gradient filtering, compiles
+for the H100 (sm_90) on this CPU, fits Hopper's shared memory, uses tensor cores (wgmma) and
+async copies for its loads; the filtering variant has its atomic max."""
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 H100_SHARED_PER_BLOCK = 232448
 SCRIPT = Path(__file__).with_name("aot_sm90.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from aot_sm90 import variants  # noqa: E402
+from aot_sm90 import filters, variants  # noqa: E402
+from oapl_kernels.triton.kernels import dlogits_kernel, fwd_stats_kernel  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,10 @@ def compiled():
 
 
 def test_every_kernel_and_config_compiles(compiled):
-    seen = {(r["kernel"], r["dtype"], r["from_logits"], tuple(r["config"])) for r in compiled}
-    expected = {(k, dt, f, tuple(c)) for k in ("fwd_stats_kernel", "dlogits_kernel")
-                for dt in ("bf16", "fp16") for f, c in variants()}
-    assert seen == expected
+    seen = {(r["kernel"], r["dtype"], r["from_logits"], tuple(r["config"]), r["filter"]) for r in compiled}
+    expected = {(k.__name__, dt, f, tuple(c), filt) for k in (fwd_stats_kernel, dlogits_kernel)
+                for dt in ("bf16", "fp16") for f, c in variants() for filt in filters(k)}
+    assert seen == expected and len(compiled) == len(expected)
 
 
 def test_fits_shared_memory(compiled):
@@ -43,3 +45,9 @@ def test_uses_hopper_tensor_cores_and_async_copies(compiled):
     for r in tiles:
         assert r["wgmma"] > 0, r
         assert r["cp_async"] > 0, r
+
+
+def test_filtering_variant_has_its_atomic_max(compiled):
+    for r in compiled:
+        if r["kernel"] == "dlogits_kernel":
+            assert (r["atomic_max"] > 0) == r["filter"], r

@@ -11,7 +11,7 @@ from benchmarks import naive
 from benchmarks.common import peak_allocated
 from benchmarks.naive import float64_leaves, rel_err
 from oapl_kernels import oapl_loss, tuning
-from oapl_kernels.fused import plan_chunks
+from oapl_kernels.fused import plan, plan_chunks
 from oapl_kernels.logprobs import backend
 
 
@@ -73,7 +73,12 @@ def _workspace(impl, rows, vocab, d, dtype, strategy="two-pass", monkeypatch=Non
     if monkeypatch is not None:
         monkeypatch.setattr(tuning, "SIDE_BUFFER_SHARE", 1.0 if strategy == "side-buffer" else 0.0)
     side = vocab * d * 4 if strategy == "side-buffer" else 0
-    return rows * backend(impl).FusedChunk.bytes_per_row(vocab, d, dtype) + side
+    chunk = backend(impl).FusedChunk
+    return rows * chunk.bytes_per_row(vocab, d, dtype) + chunk.fixed_bytes(vocab, d, dtype) + side
+
+
+def _plan(impl, ws, vocab, d, dtype, longest):
+    return plan(backend(impl).FusedChunk, ws, torch.empty(vocab, d, dtype=dtype), longest)
 
 
 # The fused path reads logits from its workspace in both Triton modes: no "triton-tile" here.
@@ -84,10 +89,9 @@ def test_split_sequences_match_float64(impl, strategy, case, monkeypatch):
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
     lengths, rows, group, most = SPLITS[case]
     assert max(_pieces(lengths, plan_chunks(lengths, rows))) == most
-    vocab, d = 157, 5  # a small D: the side buffer ([V, D]) stays smaller than the sequences
+    vocab, d = 157, 2  # a small D: the side buffer ([V, D]) stays smaller than the sequences
     ws = _workspace(impl, rows, vocab, d, torch.float32, strategy, monkeypatch)
-    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.float32)
-    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, max(lengths)) == (rows, strategy == "side-buffer")
+    assert _plan(impl, ws, vocab, d, torch.float32, max(lengths)) == (rows, strategy == "side-buffer")
     hidden, weight, targets, inf_lp, rewards, mask = _batch(lengths, d, vocab, seed=rows)
     (h64, w64), (h, w) = float64_leaves(hidden, weight)
     out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=group, beta1=0.8, beta2=0.4,
@@ -110,8 +114,7 @@ def test_split_sequences_bf16(impl, strategy, monkeypatch):
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
     lengths, vocab, d = [9, 0, 11, 2], 130, 4
     ws = _workspace(impl, 4, vocab, d, torch.bfloat16, strategy, monkeypatch)
-    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.bfloat16)
-    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, max(lengths)) == (4, strategy == "side-buffer")
+    assert _plan(impl, ws, vocab, d, torch.bfloat16, max(lengths)) == (4, strategy == "side-buffer")
     hidden, weight, targets, inf_lp, rewards, mask = _batch(lengths, d, vocab, seed=5, dtype=torch.bfloat16)
     (h64, w64), (h, w) = float64_leaves(hidden, weight)
     out = oapl_loss(h, w, targets, inf_lp, rewards, mask, group_size=2, beta1=1.0, beta2=0.1, impl=impl,
@@ -163,7 +166,7 @@ def _beyond_allowance(lengths, d, vocab, impl, ws):
 
 
 @pytest.mark.parametrize("impl,n,d,vocab,rows,side_buffer", [
-    ("torch", 1024, 64, 2048, 64, True),  # one 1024-token completion spans 32 chunks
+    ("torch", 1024, 64, 2048, 64, True),  # one 1024-token completion spans 16 chunks
     ("triton", 32, 32, 200, 8, False),  # interpreted: the workspace is CPU memory
 ])
 def test_peak_memory_flat_in_completion_length(impl, n, d, vocab, rows, side_buffer, monkeypatch):
@@ -171,9 +174,8 @@ def test_peak_memory_flat_in_completion_length(impl, n, d, vocab, rows, side_buf
     a chunk) cost, within the workspace (the side buffer, when used, counted in it); before
     sequences were split, the long one's chunk held all its rows (n / rows workspaces)."""
     monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
-    ws = _workspace(impl, rows, vocab, d, torch.float32)
-    bytes_per_row = backend(impl).FusedChunk.bytes_per_row(vocab, d, torch.float32)
-    assert tuning.fused_plan(ws, bytes_per_row, vocab * d * 4, n)[1] == side_buffer
+    ws = _workspace(impl, rows, vocab, d, torch.float32, "side-buffer" if side_buffer else "two-pass")
+    assert _plan(impl, ws, vocab, d, torch.float32, n)[1] == side_buffer
     short = _beyond_allowance([rows // 2] * (2 * n // rows), d, vocab, impl, ws)
     long = _beyond_allowance([n, 0], d, vocab, impl, ws)
     assert long <= short + ws // 4, (long, short, ws)

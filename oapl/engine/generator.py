@@ -43,9 +43,11 @@ class Generator(Protocol):
         prompt_indices: Sequence[int],
         sampling: GenerationConfig,
         seed: int,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Rollout]]:
         """``sampling.n`` rollouts per prompt (token ids), grouped per prompt, in prompt order;
-        ``sampling`` gives the sampling fields (n, temperature, top_p, top_k, max_tokens)."""
+        ``sampling`` gives the sampling fields (n, temperature, top_p, top_k, max_tokens);
+        ``seeds``: one seed per prompt instead of ``seed + i * n``."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the engine's weights (Hugging Face parameter names) in place."""
@@ -118,17 +120,24 @@ class VLLMGenerator:
         prompt_indices: Sequence[int],
         sampling: GenerationConfig,
         seed: int,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Rollout]]:
         """``sampling.n`` samples per prompt. Prompt ``i`` samples with seed ``seed + i * n``
-        (vLLM gives its ``n`` children ``seed + j``), so no two samples share random draws."""
+        (vLLM gives its ``n`` children ``seed + j``), so no two samples share random draws;
+        or with ``seeds[i]`` when given (multi-turn: a conversation's seed whatever else
+        shares the call)."""
         from vllm.inputs import TokensPrompt
 
         if len(prompts) != len(prompt_indices):
             raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} indices")
         n = sampling.n
-        params = [self._sampling_params(sampling, seed + i * n) for i in range(len(prompts))]
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        seeds = seeds if seeds is not None else [seed + i * n for i in range(len(prompts))]
+        params = [self._sampling_params(sampling, s) for s in seeds]
         outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+            lora_request=self._lora_request,
         )
         groups = []
         for idx, ids, out in zip(prompt_indices, prompts, outs):

@@ -11,7 +11,10 @@ import time
 from ..batch import ScoredBatch, score_rollouts
 from ..config import Config
 from ..engine.generator import Generator, VLLMGenerator
+from ..envs import env_class
 from ..prompts import PromptSampler, load_prompts, sampling_seed
+from ..rollout.multiturn import run_episodes
+from ..rollout.turns import TurnFormat
 from ..tasks import load_reward
 from .base import Weights
 
@@ -31,9 +34,13 @@ class EngineSource:
         self.prompts = load_prompts(cfg.data, tokenizer)
         self.reward_fn, self.reward_workers = load_reward(cfg.data)
         self.own = generator is None
-        self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed)
+        self.generator = generator or VLLMGenerator(model_path, cfg.generation, seed=cfg.seed,
+                                                    lora_rank=cfg.model.lora.engine_rank)
         self.sampler = PromptSampler(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
         self.batches = 0
+        # env.name: multi-turn rollouts with that environment scoring them (oapl.rollout).
+        self.env_cls = env_class(cfg.env.name) if cfg.env.name else None
+        self.turns = TurnFormat(tokenizer) if self.env_cls else None
 
     def start(self, step: int) -> None:
         pass
@@ -42,6 +49,14 @@ class EngineSource:
         cfg = self.cfg
         idx = self.sampler.next_batch()
         seed = sampling_seed(cfg.seed, self.batches * len(idx) * cfg.generation.n)
+        if self.env_cls is not None:
+            ep = run_episodes(self.generator, self.env_cls, cfg.env, [self.prompts[i] for i in idx],
+                              cfg.generation, seed, self.turns, cfg.generation.max_model_len)
+            self.batches += 1
+            timings = {"generate_s": ep.metrics.pop("generate_s"),
+                       "score_s": ep.metrics.pop("env_s")}
+            return ScoredBatch(ep.rollouts, ep.rewards, ep.failed, timings=timings,
+                               metrics=ep.metrics)
         t = time.perf_counter()
         groups = self.generator.generate(
             [self.prompts[i].token_ids for i in idx], idx, cfg.generation, seed=seed

@@ -21,7 +21,14 @@ Optional columns:
   they must equal the training config's ``generation.temperature`` / ``algorithm.beta1``;
 - ``prompt_id`` (int, the prompt's index in the data source), ``sample`` (int, the index in
   the group), ``prompt`` and ``completion`` (text), ``finish_reason`` (vLLM's; ``length`` =
-  cut at ``max_tokens``).
+  cut at ``max_tokens``);
+- ``file_version`` (int): the format's version, ``FILE_VERSION`` (2) in every row
+  ``write_rollouts`` writes; a file without it is version 1 (single-turn); another version is
+  refused with the versions this reader knows;
+- version 2, multi-turn rollouts (``oapl.batch.Rollout``): ``segments`` (list of
+  ``[start, stop, version]``: the model's segments of ``completion_ids``, sorted, disjoint; the
+  other tokens are the environment's, outside the loss; absent or null: one model segment) and
+  ``status`` (``done``, ``truncated`` or ``failed``).
 
 ``read_rollouts`` validates the whole file before returning anything, and raises
 ``RolloutFileError`` (a ``ValueError``) naming the first bad row and column.
@@ -35,12 +42,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..batch import Rollout
+from ..batch import ROLLOUT_STATUSES, Rollout
 
+FILE_VERSION = 2  # 1: single-turn rollouts; 2: adds segments and status (multi-turn)
 REQUIRED = ("group", "prompt_ids", "completion_ids", "logprobs", "reward")
-_INT_COLUMNS = ("group", "version", "prompt_id", "sample")
+_INT_COLUMNS = ("group", "version", "prompt_id", "sample", "file_version")
 _FLOAT_COLUMNS = ("reward", "value", "temperature", "beta1")
-_STR_COLUMNS = ("prompt", "completion", "finish_reason")
+_STR_COLUMNS = ("prompt", "completion", "finish_reason", "status")
+_V2_COLUMNS = ("segments", "status")
 
 
 class RolloutFileError(ValueError):
@@ -71,10 +80,12 @@ def _check_format(path: str) -> str:
 
 def write_rollouts(path: str, rows: Sequence[dict]) -> str:
     """Write ``rows`` (dicts with the columns above) to ``path`` (.parquet or .jsonl),
-    atomically: a temporary file renamed into place. Returns ``path``."""
+    atomically: a temporary file renamed into place, each row tagged with ``file_version``.
+    Returns ``path``."""
     ext = _check_format(path)
     if not rows:
         raise RolloutFileError(f"{path}: no rows to write")
+    rows = [{**row, "file_version": FILE_VERSION} for row in rows]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     if ext == ".jsonl":
@@ -86,7 +97,7 @@ def write_rollouts(path: str, rows: Sequence[dict]) -> str:
         import pyarrow.parquet as pq
 
         types = {"prompt_ids": pa.list_(pa.int64()), "completion_ids": pa.list_(pa.int64()),
-                 "logprobs": pa.list_(pa.float32())}
+                 "logprobs": pa.list_(pa.float32()), "segments": pa.list_(pa.list_(pa.int64()))}
         types.update({c: pa.int64() for c in _INT_COLUMNS})
         types.update({c: pa.float64() for c in _FLOAT_COLUMNS})
         types.update({c: pa.string() for c in _STR_COLUMNS})
@@ -125,6 +136,22 @@ def _load_columns(path: str) -> tuple[dict[str, list], int]:
                 raise RolloutFileError(f"{path}: row {i}: column {name!r} is missing")
             columns[name].append(row[name])
     return columns, len(rows)
+
+
+def _check_segments(segments, length: int, fail) -> None:
+    """``segments``: ``[start, stop, version]`` ranges of a completion of ``length`` tokens,
+    sorted and disjoint, each non-empty; ``fail(what)`` otherwise."""
+    if not isinstance(segments, list):
+        fail(f"expected a list of [start, stop, version], got {type(segments).__name__}")
+    end = 0
+    for seg in segments:
+        if not (isinstance(seg, (list, tuple)) and len(seg) == 3 and all(map(_is_int, seg))):
+            fail(f"expected [start, stop, version] ints, got {seg!r}")
+        start, stop, version = seg
+        if not end <= start < stop <= length or version < 0:
+            fail(f"segment {list(seg)} is not a sorted, disjoint, non-empty range of the "
+                 f"{length} completion tokens with a version >= 0")
+        end = stop
 
 
 def _is_int(x) -> bool:
@@ -175,6 +202,23 @@ def read_rollouts(
         for i, x in enumerate(columns.get(name, ())):
             if not _is_number(x) or not math.isfinite(x):
                 fail(i, name, f"expected a finite number, got {x!r}")
+    for i, v in enumerate(columns.get("file_version", ())):
+        if v not in (1, FILE_VERSION):
+            fail(i, "file_version", f"version {v}: this oapl reads rollout files of versions 1 "
+                 f"to {FILE_VERSION} (write it again with this oapl's `oapl generate`)")
+    versions = columns.get("file_version", [1] * num_rows)
+    for name in _V2_COLUMNS:
+        for i, x in enumerate(columns.get(name, ())):
+            if x is not None and versions[i] < 2:
+                fail(i, name, f"needs file_version 2 (multi-turn rollouts), the row has "
+                     f"{versions[i]}")
+    for i, x in enumerate(columns.get("status", ())):
+        if x is not None and x not in ROLLOUT_STATUSES:
+            fail(i, "status", f"expected one of {list(ROLLOUT_STATUSES)}, got {x!r}")
+    for i, segs in enumerate(columns.get("segments", ())):
+        if segs is not None:
+            _check_segments(segs, len(columns["completion_ids"][i]),
+                            lambda what, i=i: fail(i, "segments", what))
     for name, expected in (("temperature", temperature), ("beta1", beta1)):
         for i, x in enumerate(columns.get(name, ()) if expected is not None else ()):
             if not math.isclose(x, expected, rel_tol=1e-9):
@@ -227,6 +271,9 @@ def read_rollouts(
             logprobs=[float(x) for x in columns["logprobs"][i]],
             finish_reason=get("finish_reason", i, ""),
             version=get("version", i, 0),
+            segments=None if get("segments", i, None) is None
+            else [tuple(seg) for seg in columns["segments"][i]],
+            status=get("status", i, None) or "done",
         )
         for i in range(num_rows)
     ]

@@ -8,22 +8,26 @@ Add one: a function returning a ``ToyTask`` and one line in ``TOY_TASKS``; it is
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import bits
+from . import ask, bits
 
 
 @dataclass(frozen=True)
 class ToyTask:
     """``records``: dicts with ``prompt``, ``answer`` and ``task``; ``answers``: every answer
     token, each one token of the tiny vocabulary; ``vocab``: the tiny model's tokens (None:
-    ``oapl.tiny.VOCAB``); ``answer_len``: answer tokens per answer (the format warm-up's)."""
+    ``oapl.tiny.VOCAB``); ``answer_len``: answer tokens per answer (the format warm-up's);
+    ``warmup_examples(tokenizer)``: (ids, loss mask) pairs for a warm-up on whole sequences
+    instead (a multi-turn task's), or None."""
 
     name: str
     records: list[dict]
     answers: list[str]
     vocab: tuple[str, ...] | None = None
     answer_len: int = 1
+    warmup_examples: Callable | None = None
 
 
 def max_task() -> ToyTask:
@@ -46,7 +50,14 @@ def _bits(name: str):
     return build
 
 
-TOY_TASKS = {"max": max_task, "cmp": _bits("cmp"), "thr": _bits("thr")}
+def ask_task() -> ToyTask:
+    """``max a =``, with a hidden digit h to ask for, -> ``max(a, h)``: two turns with the
+    ``ask`` environment (``oapl.tasks.ask``, ``env.name: ask``)."""
+    return ToyTask("ask", ask.records(), [str(d) for d in range(10)], vocab=ask.VOCAB,
+                   warmup_examples=ask.warmup_examples)
+
+
+TOY_TASKS = {"max": max_task, "cmp": _bits("cmp"), "thr": _bits("thr"), "ask": ask_task}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,10 @@ slices (bf16/fp16 operands on tensor cores, fp32 accumulation), and never write 
 * ``dlogits_kernel``: one program per (row block, vocab block) of one vocab chunk [v_lo, v_hi).
   It recomputes a z tile, turns it into the logits' gradient
   dz = inv_temp * (g (1[v=y] - p) - e p (z - E)) with p = exp(z - LSE), and stores it. The host
-  then forms dH and dW with two GEMMs on that chunk.
+  then forms dH and dW with two GEMMs on that chunk. With FILTER it also raises PMAX[b] to the
+  tile's largest probability p (rows < N), b the tile's block of FILTER_COLS columns counted
+  from v_lo: the host then runs the GEMMs on the blocks it keeps (gradient filtering,
+  :mod:`oapl_kernels.filtering`).
 
 Programs are ordered GROUP_N row blocks at a time (``_grouped``), as in a tiled GEMM, so the
 panels that concurrently running programs read stay in L2.
@@ -127,16 +130,19 @@ def fwd_stats_kernel(
 
 @triton.jit
 def dlogits_kernel(
-    H, W, Z, Y, LSE, MEAN, G, GE, DZ,
+    H, W, Z, Y, LSE, MEAN, G, GE, DZ, PMAX,
     N, v_lo, v_hi, D, stride_h, stride_w, stride_z, stride_dz, inv_temp,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
     WITH_ENTROPY: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr,
+    FILTER: tl.constexpr, FILTER_COLS: tl.constexpr,
 ):
     """DZ[n, v - v_lo] = inv_temp * (G_n (1[v=Y_n] - p) - GE_n p (z - MEAN_n)) for v in [v_lo, v_hi).
 
     H [N, D], W [V, D], Y [N] int64 (or -1), LSE, MEAN, G, GE fp32 [N]; DZ [N, >= v_hi - v_lo]
     in the dtype of H. Grid: (cdiv(N, BLOCK_N) * cdiv(v_hi - v_lo, BLOCK_V),). With FROM_LOGITS
     the raw logits of the chunk are read from Z [N, >= v_hi - v_lo] instead of recomputed.
+    With FILTER, PMAX fp32 [cdiv(v_hi - v_lo, FILTER_COLS)] (zeroed by the host) gets the
+    largest p of each block (FILTER_COLS a multiple of BLOCK_V, so a tile lies in one block).
     """
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N),
                             tl.cdiv(v_hi - v_lo, BLOCK_V), GROUP_N)
@@ -149,6 +155,10 @@ def dlogits_kernel(
     lse = tl.load(LSE + offs_n, mask=row_ok, other=0.0)
     g = tl.load(G + offs_n, mask=row_ok, other=0.0)
     p = tl.exp(z - lse[:, None])
+    if FILTER:
+        valid = row_ok[:, None] & (offs_v < v_hi)[None, :]
+        tile_max = tl.max(tl.max(tl.where(valid, p, 0.0), axis=1), axis=0)
+        tl.atomic_max(PMAX + (pid_v * BLOCK_V) // FILTER_COLS, tile_max)
     if WITH_ENTROPY:
         mean = tl.load(MEAN + offs_n, mask=row_ok, other=0.0)
         ge = tl.load(GE + offs_n, mask=row_ok, other=0.0)

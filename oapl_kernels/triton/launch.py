@@ -18,7 +18,7 @@ import os
 import torch
 import triton
 
-from .. import tuning
+from .. import filtering, tuning
 from .kernels import dlogits_kernel, fwd_stats_kernel
 
 
@@ -85,6 +85,11 @@ def _split_cols(n_rows: int, vocab: int, device: torch.device) -> int:
     return tuning.split_cols(n_rows, vocab, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+def _filter_cols() -> int:
+    """Columns per gradient-filtering block (see tuning.FILTER_COLS)."""
+    return tuning.FILTER_COLS if interpreting() else tuning.GPU_FILTER_COLS
+
+
 def logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out [C, W] fp32 = hidden [C, D] @ weight[W, D]^T with fp32 accumulation and output.
 
@@ -129,23 +134,32 @@ def stats_from(hidden, weight, targets, inv_temp, with_entropy, logits=None):
 
 
 def dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean, grad_logp, grad_entropy,
-                 v_lo, v_hi, logits=None):
+                 v_lo, v_hi, logits=None, filter_eps=0.0):
     """dz [N, >= v_hi - v_lo] (input dtype) = gradient of the logits of columns [v_lo, v_hi).
 
     grad_logp, grad_entropy (or None), lse and mean: fp32 [N]. With ``logits`` (raw logits of
     these columns, [N, >= v_hi - v_lo]) the kernel reads them instead of recomputing the tiles.
+    Returns the columns (int64, relative to v_lo) the gradient GEMMs should use, None for all:
+    with ``filter_eps`` > 0 the blocks whose probabilities are all below it are left out
+    (v_lo a multiple of the filtering block; :mod:`oapl_kernels.filtering`).
     """
     n, d = hidden.shape
     with_entropy = grad_entropy is not None
     z = logits if logits is not None else dz
+    block = _filter_cols()
+    pmax = torch.zeros(triton.cdiv(v_hi - v_lo, block), device=dz.device) if filter_eps else lse
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]),)
 
     _launch("dz", grid, hidden, weight, z, targets, lse, mean if with_entropy else lse, grad_logp,
-            grad_entropy if with_entropy else grad_logp, dz,
+            grad_entropy if with_entropy else grad_logp, dz, pmax,
             n, v_lo, v_hi, d, hidden.stride(0), weight.stride(0), z.stride(0), dz.stride(0), inv_temp,
-            WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None)
+            WITH_ENTROPY=with_entropy, FROM_LOGITS=logits is not None, FILTER=bool(filter_eps),
+            FILTER_COLS=block)
+    if not filter_eps:
+        return None
+    return filtering.kept_columns(pmax, targets, v_lo, v_hi - v_lo, block, filter_eps)
 
 
 def forward_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -183,13 +197,14 @@ def accumulate_mm(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
 
 
 def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
-             need_hidden: bool, need_weight: bool, workspace_bytes: int):
+             need_hidden: bool, need_weight: bool, workspace_bytes: int, filter_eps: float = 0.0):
     """Gradients w.r.t. hidden [N, D] and weight [V, D], in their dtypes (None when not needed).
 
     The vocabulary is walked in chunks of C columns, C chosen so the chunk's buffers fit
     ``workspace_bytes``. For each chunk the logits are recomputed (a cuBLAS GEMM into the
     workspace in 'gemm' mode, inside the kernel in 'tile' mode), a Triton kernel writes dz
-    (input dtype), then dW[chunk] = dz^T H (complete, one GEMM) and dH += dz W[chunk] (fp32).
+    (input dtype), then dW[chunk] = dz^T H (complete, one GEMM) and dH += dz W[chunk] (fp32);
+    with ``filter_eps`` > 0 both GEMMs take the chunk's kept vocab blocks only.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
@@ -199,18 +214,23 @@ def backward(hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad
     dz = torch.empty((n, chunk), dtype=hidden.dtype, device=hidden.device)
     z = torch.empty(n * chunk, dtype=torch.float32, device=hidden.device) if gemm else None
     d_hidden = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_hidden else None
-    d_weight = torch.empty_like(weight) if need_weight else None
+    d_weight = (torch.zeros_like if filter_eps else torch.empty_like)(weight) if need_weight else None
     for v_lo in range(0, vocab, chunk):
         v_hi = min(vocab, v_lo + chunk)
         z_view = z[: n * (v_hi - v_lo)].view(n, v_hi - v_lo) if gemm else None  # contiguous
         logits = logits_into(z_view, hidden, weight[v_lo:v_hi]) if gemm else None
-        dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
-                     v_lo, v_hi, logits=logits)
-        block = dz[:, : v_hi - v_lo]
+        cols = dlogits_into(dz, hidden, weight, targets, inv_temp, lse, mean_logit, grad_logp, grad_entropy,
+                            v_lo, v_hi, logits=logits, filter_eps=filter_eps)
+        block, w = dz[:, : v_hi - v_lo], weight[v_lo:v_hi]
+        if cols is not None:
+            block, w = block.index_select(1, cols), w.index_select(0, cols)
         if need_weight:
-            torch.mm(block.T, hidden, out=d_weight[v_lo:v_hi])
+            if cols is None:
+                torch.mm(block.T, hidden, out=d_weight[v_lo:v_hi])
+            else:
+                d_weight.index_copy_(0, cols + v_lo, block.T @ hidden)
         if need_hidden:
-            accumulate_mm(d_hidden, block, weight[v_lo:v_hi])
+            accumulate_mm(d_hidden, block, w)
     if need_hidden:
         d_hidden = d_hidden.to(hidden.dtype)
     return d_hidden, d_weight
@@ -221,8 +241,11 @@ class FusedChunk:
 
     Buffers for a chunk of rows: its raw fp32 logits [rows, V] (a cuBLAS GEMM writes them) and
     their gradient dz [rows, V] in the input dtype (a Triton kernel writes it, reading the
-    logits once). ``bytes_per_row`` is what one row costs, for ``tuning.chunk_rows``.
+    logits once). ``bytes_per_row`` is what one row costs (``fixed_bytes``: nothing else,
+    ``row_multiple``: any row count), for ``oapl_kernels.fused.plan``.
     """
+
+    row_multiple = 1
 
     def __init__(self, rows: int, weight: torch.Tensor):
         self.weight = weight
@@ -236,6 +259,10 @@ class FusedChunk:
         """An fp32 row of logits and a row of dz in the input dtype."""
         return vocab * (4 + torch.finfo(dtype).bits // 8)
 
+    @staticmethod
+    def fixed_bytes(vocab: int, dim: int, dtype: torch.dtype) -> int:
+        return 0
+
     def stats(self, hidden: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool):
         """lse, target logit, mean logit (None unless ``with_entropy``), fp32 [C], of the C rows
         hidden [C, D] (C <= rows) with targets [C] int64; keeps their logits for :meth:`grads`."""
@@ -247,18 +274,26 @@ class FusedChunk:
 
     def grads(self, hidden: torch.Tensor, targets: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
               d_hidden: torch.Tensor, d_weight: torch.Tensor, side: torch.Tensor | None = None,
-              side_from: int | None = None) -> None:
+              side_from: int | None = None, filter_eps: float = 0.0) -> None:
         """For the rows of the last :meth:`stats` and fp32 grad_logp [C]: writes dH into
         d_hidden [C, D] (input dtype) and adds dW into the fp32 accumulator d_weight [V, D], or,
-        for rows ``side_from:``, into the fp32 side buffer ``side`` [V, D]."""
+        for rows ``side_from:``, into the fp32 side buffer ``side`` [V, D]. ``filter_eps`` > 0:
+        the GEMMs skip the vocab blocks whose probabilities are all below it in every row."""
         c, vocab = hidden.shape[0], self.weight.shape[0]
         dz = self.dz_buf[: c * vocab].view(c, vocab)
-        dlogits_into(dz, hidden, self.weight, targets, inv_temp, self.lse, None, grad_logp, None, 0, vocab,
-                     logits=self.logits)
-        torch.mm(dz, self.weight, out=d_hidden)
+        cols = dlogits_into(dz, hidden, self.weight, targets, inv_temp, self.lse, None, grad_logp, None, 0, vocab,
+                            logits=self.logits, filter_eps=filter_eps)
+        w = self.weight
+        if cols is not None:
+            dz, w = dz.index_select(1, cols), w.index_select(0, cols)
+        torch.mm(dz, w, out=d_hidden)
         k = c if side_from is None else side_from
-        if k:
-            accumulate_mm(d_weight, dz[:k].T, hidden[:k])
-        if k < c:
-            accumulate_mm(side, dz[k:].T, hidden[k:])
+        for acc, rows in ((d_weight, slice(0, k)), (side, slice(k, c))):
+            if rows.stop > rows.start:
+                if cols is None:
+                    accumulate_mm(acc, dz[rows].T, hidden[rows])
+                else:
+                    part = torch.zeros((len(cols), hidden.shape[1]), dtype=torch.float32, device=acc.device)
+                    accumulate_mm(part, dz[rows].T, hidden[rows])
+                    acc.index_add_(0, cols, part)
         self.logits = self.lse = None
