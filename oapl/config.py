@@ -160,6 +160,10 @@ class TrainerConfig:
     # workspace_bytes=), whatever the completion lengths; None: the kernels' default per device.
     # The environment variable OAPL_WORKSPACE_MB overrides it.
     workspace_mb: int | None = None
+    # Gradient filtering in the head kernels' backward (their grad_filter_eps=): skip vocab blocks
+    # whose softmax probabilities are all below it in every row of a chunk; 0: exact. The
+    # measured error and savings are in docs/PERF.md.
+    grad_filter_eps: float = 0.0
     num_threads: int | None = None  # torch CPU threads (None: leave as is)
     # Under torchrun (FSDP2): ranks that shard one copy of the weights. None: all ranks (FSDP);
     # fewer (e.g. the GPUs of one node): HSDP, sharded within groups, replicated across them.
@@ -238,6 +242,8 @@ class Config:
                            ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if not 0 <= t.grad_filter_eps < 1:
+            raise ValueError(f"trainer.grad_filter_eps must be in [0, 1), got {t.grad_filter_eps}")
         if g.temperature <= 0:
             raise ValueError(f"generation.temperature must be > 0, got {g.temperature}")
         if a.lag_logprobs == "sampler" and g.logprobs_mode == "raw_logprobs" and g.temperature != 1:

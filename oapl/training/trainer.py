@@ -71,9 +71,11 @@ class LocalTrainer:
             policy.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.autocast_dtype = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
-        # The loss kernels' scratch memory (trainer.workspace_mb; None: their default).
+        # The loss kernels' scratch memory (trainer.workspace_mb; None: their default) and their
+        # gradient filtering (trainer.grad_filter_eps; 0: exact). The losses gather the
+        # completion tokens before the head kernels: prompt and padding positions never reach them.
         self.kernel_args = dict(impl=t.kernel_impl, workspace_bytes=None if t.workspace_mb is None
-                                else t.workspace_mb * 2**20)
+                                else t.workspace_mb * 2**20, grad_filter_eps=t.grad_filter_eps)
         if t.gradient_checkpointing:
             policy.model.gradient_checkpointing_enable()
         policy.train()
