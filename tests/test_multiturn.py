@@ -54,6 +54,10 @@ def test_collate_masks_and_logprobs_match_a_hand_built_batch():
     assert b.attention_mask[0].sum() == p + len(COMPLETION)  # env tokens are real tokens
     assert b.num_completion_tokens == 4 + 2 + 6 + 2
     assert rollouts[0].model_mask == [True, True, False, False, False, True, True]
+    # a single-turn row is laid out as before: the whole completion in the mask, its log-probs
+    st = rollouts[1]
+    assert b.loss_mask[1].nonzero().flatten().tolist() == [p - 1, p]
+    assert b.sampler_logprobs[1, p - 1: p + 1].tolist() == torch.tensor(st.logprobs).tolist()
     # one segment covering the completion is the single-turn rollout, exactly
     one = dataclasses.replace(rollouts[1], segments=[(0, 2, 3)])
     a, c = collate([rollouts[1]], [1.0], 0), collate([one], [1.0], 0)

@@ -25,29 +25,10 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
-Message = dict  # {"role": "user" | "assistant" | "tool" | "system", "content": str}
+from .base import Environment, Message, Step
 
-
-@dataclass
-class Step:
-    """An environment's answer to a model turn: ``reply`` (a message, or text sent as a user
-    turn; None when ``done``), ``reward`` (the rollout's score as of this step, finite) and
-    ``done``."""
-
-    reply: Message | str | None
-    reward: float
-    done: bool
-
-
-class Environment(Protocol):
-    def reset(self, record: dict) -> list[Message]:
-        """The conversation before the model's first turn, for this task record."""
-
-    def step(self, messages: list[Message]) -> Step:
-        """The reply to the conversation ``messages`` (ending with the model's turn)."""
+__all__ = ["ENVS", "Environment", "Message", "Step", "env_class"]
 
 
 def _ask() -> type:
@@ -56,13 +37,7 @@ def _ask() -> type:
     return AskEnv
 
 
-def _python() -> type:
-    from .python_tool import PythonToolEnv
-
-    return PythonToolEnv
-
-
-ENVS: dict[str, Callable[[], type]] = {"ask": _ask, "python": _python}
+ENVS: dict[str, Callable[[], type]] = {"ask": _ask}
 
 
 def env_class(name: str) -> type:

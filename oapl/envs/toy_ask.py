@@ -4,7 +4,7 @@ record's hidden digit and scores the first answer that is not "ask"."""
 from __future__ import annotations
 
 from ..tasks.ask import ASK, reply
-from . import Message, Step
+from .base import Message, Step
 
 
 class AskEnv:
