@@ -13,7 +13,10 @@ arithmetic on the same bf16 inputs) for log-probs, entropy, dH, dW at shapes up 
 D=4096, V=151936; oapl_loss fused and unfused, also with sequences split across chunks.
 Benchmarks: fwd and fwd+bwd time, peak memory above the inputs, achieved TFLOP/s and the ratio
 to the 4-GEMM floor, measured with a plain bf16 matmul of the same sizes in the same run; the
-loss at B x T = 64 x 512 and 4 x 16,384 (long completions).
+loss at B x T = 64 x 512 and 4 x 16,384 (long completions); gradient filtering on and off
+(``grad_filter_eps`` 0, 1e-4, 1e-3) for the fused loss at N = 32,768 on peaked logits (hidden
+states scaled by 4), with the share of vocab blocks skipped and the gradient's error against
+the unfiltered one. Sized to finish in under 8 minutes on an H100/H200.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import naive  # noqa: E402
 from benchmarks.common import (cuda_inputs, logprobs_check, loss_check, peak_allocated,  # noqa: E402
                                time_cuda_ms, with_logits_mode)
-from oapl_kernels import linear_logprobs, oapl_loss, optimal_values  # noqa: E402
+from oapl_kernels import filtering, linear_logprobs, oapl_loss, optimal_values  # noqa: E402
 from oapl_kernels.objective import OAPLObjective  # noqa: E402
 from oapl_kernels.triton import launch  # noqa: E402
 
@@ -202,7 +205,43 @@ def bench_loss(shapes, reps):
     return rows
 
 
-def _markdown(env, corr, loss_rows, rows, loss_bench):
+def bench_filter(b, t, d, v, eps_list, reps):
+    """The fused oapl_loss at B x T tokens with grad_filter_eps in ``eps_list`` (0 first): time,
+    blocks skipped, and dH / dW max relative error against eps = 0, on hidden states scaled by 4."""
+    h, w, y = cuda_inputs(b * t, d, v, seed=7, scale=4.0)
+    h, y = h.view(b, t, d), y.view(b, t)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
+    rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+    mask = torch.ones_like(y, dtype=torch.bool)
+    rows, exact = [], None
+    for eps in eps_list:
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+
+        def run():
+            hh.grad = ww.grad = None
+            oapl_loss(hh, ww, y, inf_lp, rewards, mask, group_size=8, beta1=1.0, beta2=0.05, impl="triton",
+                      grad_filter_eps=eps).loss.backward()
+
+        row = {"B": b, "T": t, "D": d, "V": v, "eps": eps}
+        try:
+            row["fwd_bwd_ms"] = with_logits_mode("gemm", lambda: time_cuda_ms(run, reps=reps))()
+            with filtering.count() as counts:
+                with_logits_mode("gemm", run)()
+            row["skipped"] = counts.skipped_fraction
+            grads = (hh.grad.float(), ww.grad.float())
+            exact = exact or grads
+            row["dH_err"], row["dW_err"] = (naive.rel_err(a, e) for a, e in zip(grads, exact))
+        except torch.OutOfMemoryError:
+            row["skipped_run"] = "out of memory"
+        rows.append(row)
+        print(f"    {row}", flush=True)
+    del h, w, y, exact
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _markdown(env, corr, loss_rows, rows, loss_bench, filter_rows=()):
     out = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; "
            f"autotuned configs: {env.get('configs')}", "",
            "### Correctness (max abs error / max abs reference)", "",
@@ -232,6 +271,15 @@ def _markdown(env, corr, loss_rows, rows, loss_bench):
         else:
             out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['method']} | {r['fwd_bwd_ms']:.1f} "
                        f"| {r['tflops_4gemm']:.0f} | {r['peak_gib_above_inputs']:.2f} |")
+    out += ["", "### Gradient filtering: oapl_loss fused (gemm) fwd+bwd, hidden states x 4 (peaked logits)", "",
+            "| B | T | D | V | grad_filter_eps | fwd+bwd ms | blocks skipped | dH err vs eps=0 | dW err vs eps=0 |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in filter_rows:
+        if "skipped_run" in r:
+            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['eps']:g} | {r['skipped_run']} | | | |")
+        else:
+            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['eps']:g} | {r['fwd_bwd_ms']:.1f} "
+                       f"| {100 * r['skipped']:.1f}% | {r['dH_err']:.1e} | {r['dW_err']:.1e} |")
     return "\n".join(out) + "\n"
 
 
@@ -256,8 +304,10 @@ def main():
     bench_shapes = [(4096, 4096, 32000), (8192, 4096, 151936), (32768, 4096, 151936)]
     # The last: long completions, each split across chunks of the 2 GiB workspace (~2,300 rows).
     loss_shapes = [(16, 512, 4096, 151936), (64, 512, 4096, 151936), (4, 16384, 4096, 151936)]
+    filter_shape = (64, 512, 4096, 151936)  # N = 32,768
     if args.quick:
         big, bench_shapes, loss_shapes = [], [(4096, 2048, 32000)], [(8, 512, 2048, 32000), (2, 4096, 2048, 32000)]
+        filter_shape = (8, 512, 2048, 32000)
     t0 = time.time()
     result = {"env": env}
     try:
@@ -269,6 +319,7 @@ def main():
             print(f"  oapl_loss: {r}", flush=True)
         result["bench"] = bench(bench_shapes, args.reps)
         result["loss_bench"] = bench_loss(loss_shapes, args.reps)
+        result["filter_bench"] = bench_filter(*filter_shape, [0.0, 1e-4, 1e-3], args.reps)
         env["configs"] = launch.best_configs()
     except Exception:  # noqa: BLE001 - keep what was measured
         result["error"] = traceback.format_exc()
@@ -276,7 +327,8 @@ def main():
     result["seconds"] = round(time.time() - t0, 1)
     (out / "gpu_suite.json").write_text(json.dumps(result, indent=1))
     if "bench" in result:
-        md = _markdown(env, result["correctness"], result["loss"], result["bench"], result.get("loss_bench", []))
+        md = _markdown(env, result["correctness"], result["loss"], result["bench"], result.get("loss_bench", []),
+                       result.get("filter_bench", []))
         (out / "gpu_suite.md").write_text(md)
         print(md)
     print(f"gpu suite: {result['seconds']} s", flush=True)

@@ -180,3 +180,17 @@ def test_peak_memory_flat_in_completion_length(impl, n, d, vocab, rows, side_buf
     long = _beyond_allowance([n, 0], d, vocab, impl, ws)
     assert long <= short + ws // 4, (long, short, ws)
     assert long <= ws, (long, ws)
+
+
+@pytest.mark.slow
+def test_memory_bound_at_2_16_tokens(monkeypatch):
+    """One completion of 2^16 tokens (256 chunks of 256 rows) stays within the workspace
+    beyond gradients and O(N) statistics, and costs what 2^16 tokens as 4,096 sequences of 16 do."""
+    monkeypatch.delenv(tuning.WORKSPACE_ENV, raising=False)
+    n, d, vocab, rows = 2**16, 8, 256, 256
+    ws = _workspace("torch", rows, vocab, d, torch.float32, "side-buffer")
+    assert _plan("torch", ws, vocab, d, torch.float32, n) == (rows, True)
+    long = _beyond_allowance([n, 0], d, vocab, "torch", ws)
+    short = _beyond_allowance([16] * (n // 16), d, vocab, "torch", ws)
+    assert long <= ws, (long, ws)
+    assert long <= short + ws // 4, (long, short, ws)
