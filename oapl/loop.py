@@ -38,6 +38,7 @@ from .metrics import step_record
 from .model_dir import hf_weights, model_dir
 from .run import Loggers, check_run_dir, export_final, open_run_dir, seed_all, set_threads
 from .sources import BatchSource, make_source
+from .sources.schedule import sampling_version
 from .training.checkpoint import load_checkpoint, save_checkpoint
 from .training.policy import Policy
 from .training.trainer import LocalTrainer, Trainer, resolve_device
@@ -108,10 +109,12 @@ class _Loop:
 
     def mismatch(self, mb, m: dict, lag: float) -> dict:
         """``sampler_mismatch_mean`` / ``_max``: |sampler - trainer| log-prob per completion
-        token of ``mb`` at the same weights. With ``lag_logprobs=recompute`` on every step
-        (the frozen copy holds the weights that sampled the batch); with ``sampler`` on steps
-        of lag 0 (the policy still holds them: the trainer's own forward gives them for
-        free); else ``{}``. Warns once per run when the mean exceeds ``MISMATCH_WARN``."""
+        token of ``mb`` at the same weights, and the trainer's ``sampler_gap_*`` (signed, per
+        sequence and token) and ``lag_loss_*`` / ``lag_residual_abs_*`` (the step's loss with
+        either log pi_lag). With ``lag_logprobs=recompute`` on every step (the frozen copy
+        holds the weights that sampled the batch); with ``sampler`` on steps of lag 0 (the
+        policy still holds them: the trainer's own forward gives them for free); else ``{}``.
+        Warns once per run when the mean exceeds ``MISMATCH_WARN``."""
         if self.cfg.algorithm.lag_logprobs == "recompute":
             diff = (mb.lag_logprobs - mb.sampler_logprobs).abs()[mb.loss_mask]
             mean, top = float(diff.mean()), float(diff.max())
@@ -119,6 +122,8 @@ class _Loop:
             mean, top = m["token_logratio_abs_mean"], m["token_logratio_abs_max"]
         else:
             return {}
+        gaps = {k: v for k, v in m.items() if k.startswith(("sampler_gap_", "lag_loss_",
+                                                             "lag_residual_abs_"))}
         if mean > MISMATCH_WARN and not self.warned_mismatch:
             self.warned_mismatch = True
             g = self.cfg.generation
@@ -131,8 +136,17 @@ class _Loop:
                 "truncated set) and the engine dtype",
                 RuntimeWarning, stacklevel=2,
             )
-        return {"sampler_mismatch_mean": mean, "sampler_mismatch_max": top}
+        return {"sampler_mismatch_mean": mean, "sampler_mismatch_max": top, **gaps}
 
+    def release_lag_policies(self) -> None:
+        """After a batch is drawn: drop the trainer's frozen pi_lag copies that no batch still
+        to come was sampled by. An engine's batches follow the fixed schedule
+        (``sampling_version``, inline too), so the next batch's version is the oldest needed;
+        a fixed sampler's one copy stays."""
+        if self.source.fixed_sampler is None:
+            k, g = self.cfg.trainer.minibatches, self.cfg.generation
+            self.trainer.release_lag_policies(
+                sampling_version(self.step // k + 1, g.ahead, k, self.cfg.algorithm.sync_every))
 
     def checkpoint_due(self) -> bool:
         """At every ``save_every`` steps, and at the end where the sampler holds the trainer's
@@ -153,6 +167,7 @@ class _Loop:
             train = collate(b.rollouts, b.rewards, self.pad_id, values=b.values)
             t = time.perf_counter()
             train.lag_logprobs = self.trainer.lag_logprobs(train)  # at the sampling weights
+            self.release_lag_policies()
             b.timings["lag_logprobs_s"] = time.perf_counter() - t
             per = len(train) // k
             for j in range(k):

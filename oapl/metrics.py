@@ -1,10 +1,19 @@
-"""``metrics.jsonl``: one JSON object per optimizer step, appended and flushed as it goes."""
+"""``metrics.jsonl``: one JSON object per optimizer step, appended and flushed as it goes; and
+the statistics of the gap between the sampler's log pi_lag and the trainer's (``gap_sums``,
+``gap_metrics``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+
+import torch
+
+# The float64 sums gap_sums returns, in order (summable over micro-batches and processes).
+GAP_SUMS = ("gap", "gap_sq", "seqs", "res_sampler_sq", "res_recompute_sq", "res_sampler_abs",
+            "res_recompute_abs")
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -66,3 +75,47 @@ def step_record(step: int, batch, rollouts, m: dict, *, lag: int, reward_errors:
         **timings,
         "time": time.time(),
     }
+
+
+def gap_sums(reference: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor,
+             logprobs: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+             beta2: float | None = None) -> torch.Tensor:
+    """Sums (float64 [len(GAP_SUMS)], on the CPU) of the per-sequence signed gap
+    ``g_i = sum_t mask (reference - sampler)`` between a trainer-side log pi_lag and the
+    sampler's, all [B, T] (``mask`` bool, True on completion tokens), and, for OAPL (``logprobs``
+    [B, T] log pi_theta, ``advantages`` [B], ``beta2`` given), of the residuals
+    ``beta2 * sum_t mask (logprobs - lag) - A_i`` the batch gives with lag = the sampler's and
+    with lag = the reference: squared (their mean is the OAPL loss) and absolute. Without them
+    the residual sums are 0."""
+    m = mask.bool()
+    seq = lambda x: torch.where(m, x, 0).double().sum(dim=1)  # noqa: E731
+    ref, samp = seq(reference), seq(sampler)
+    gap = ref - samp
+    out = [gap.sum(), gap.square().sum(), torch.tensor(float(gap.numel()), dtype=torch.float64)]
+    if beta2 is None:
+        out += [torch.zeros((), dtype=torch.float64)] * 4
+    else:
+        theta, adv = seq(logprobs), advantages.double().reshape(-1)
+        res_s, res_r = beta2 * (theta - samp) - adv, beta2 * (theta - ref) - adv
+        out += [res_s.square().sum(), res_r.square().sum(), res_s.abs().sum(), res_r.abs().sum()]
+    return torch.stack(out).cpu()
+
+
+def gap_metrics(sums: torch.Tensor, tokens: float, with_loss: bool = True) -> dict[str, float]:
+    """The metrics of ``gap_sums`` (summed over micro-batches) for ``tokens`` completion tokens:
+    ``sampler_gap_seq_mean`` / ``_std`` (signed, per sequence, nats), ``sampler_gap_token_mean``
+    (signed, per token); with ``with_loss`` the OAPL loss and mean |residual| with log pi_lag from
+    the sampler (``lag_loss_sampler``, ``lag_residual_abs_sampler``) and from the trainer-side
+    reference (``lag_loss_recompute``, ``lag_residual_abs_recompute``)."""
+    v = dict(zip(GAP_SUMS, sums.tolist()))
+    n = max(v["seqs"], 1.0)
+    mean = v["gap"] / n
+    out = {"sampler_gap_seq_mean": mean,
+           "sampler_gap_seq_std": math.sqrt(max(v["gap_sq"] / n - mean * mean, 0.0)),
+           "sampler_gap_token_mean": v["gap"] / max(tokens, 1.0)}
+    if with_loss:
+        out |= {"lag_loss_sampler": v["res_sampler_sq"] / n,
+                "lag_loss_recompute": v["res_recompute_sq"] / n,
+                "lag_residual_abs_sampler": v["res_sampler_abs"] / n,
+                "lag_residual_abs_recompute": v["res_recompute_abs"] / n}
+    return out

@@ -107,7 +107,7 @@ def test_recompute_lag_policy_is_a_frozen_copy_of_the_pushed_weights(policy):
                                temperature=0.7)
     assert ref.shape == batch.sampler_logprobs.shape and ref.dtype == torch.float32
     torch.testing.assert_close(ref, mine * batch.loss_mask, atol=1e-5, rtol=1e-5)
-    ref_model = trainer.lag_policy.model
+    ref_model = trainer.lag_policies[2].model
     assert not ref_model.training and not any(p.requires_grad for p in ref_model.parameters())
 
     batch.sampler_logprobs = ref  # a sampler that agrees exactly with the trainer
@@ -117,7 +117,8 @@ def test_recompute_lag_policy_is_a_frozen_copy_of_the_pushed_weights(policy):
     torch.testing.assert_close(trainer.lag_logprobs(batch), ref)  # frozen: unmoved
     assert trainer.train_step(batch)["token_logratio_abs_mean"] > 1e-3  # the policy moved
     trainer.freeze_lag_policy(version=4)
-    with pytest.raises(ValueError, match=r"versions \[2\], but the frozen lag policy holds 4"):
+    trainer.release_lag_policies(4)  # no batch of version 2 is to come
+    with pytest.raises(ValueError, match=r"versions \[2\], but the frozen lag policies hold \[4\]"):
         trainer.lag_logprobs(batch)
 
 

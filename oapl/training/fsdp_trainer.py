@@ -202,8 +202,10 @@ class FSDPTrainer(LocalTrainer):
         """Rank 0: every rank writes its shards of the model and optimizer into
         ``directory`` (torch.distributed.checkpoint; a shared filesystem across nodes)."""
         self._save_shards(self._command("save", [directory] * self.world))
+        self.save_lag_policies(directory)  # rank 0 holds them whole
 
     def load(self, directory: str) -> None:
         """Rank 0: every rank restores its shards from ``directory`` (DCP reshards, so the
         world size may differ from the one that saved)."""
         self._load_shards(self._command("load", [directory] * self.world))
+        self.load_lag_policies(directory)

@@ -10,6 +10,7 @@ metrics and the gradient norm are reduced (``_reduce``, ``_full_norm``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from typing import Protocol
@@ -22,6 +23,7 @@ from oapl_kernels import grpo_loss, linear_logprobs, oapl_loss
 
 from ..batch import TrainBatch
 from ..config import Config
+from ..metrics import GAP_SUMS, gap_metrics, gap_sums
 from . import packing
 from .policy import Policy
 
@@ -46,10 +48,23 @@ class Trainer(Protocol):
 
     def freeze_lag_policy(self, version: int, weights=None) -> None:
         """The sampler now holds policy ``version``: the current weights, or ``weights``
-        ((HF name, tensor) pairs) when given."""
+        ((HF name, tensor) pairs) when given; kept until ``release_lag_policies``."""
+
+    def release_lag_policies(self, oldest_needed: int | None) -> None:
+        """Drop the frozen copies of versions older than ``oldest_needed``."""
 
     def lag_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """log pi_lag [B, L-1] fp32 of the batch's targets, from ``algorithm.lag_logprobs``."""
+
+
+# The frozen lag copies in a checkpoint directory (LocalTrainer.save_lag_policies).
+LAG_POLICIES_FILE = "lag_policies.safetensors"
+
+
+def _select(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
+    """The rows ``rows`` (int64 [R]) of ``batch``."""
+    return TrainBatch(**{f.name: None if (t := getattr(batch, f.name)) is None else t[rows]
+                         for f in dataclasses.fields(batch)})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,10 +96,11 @@ class LocalTrainer:
         policy.train()
         self.packing = t.packing if t.packing is not None else packing.default_packing(policy)
         self.row_tokens = packing.row_tokens_for(policy, t.packed_row_tokens)
-        # lag_logprobs=recompute: a frozen copy of the weights the engine holds, and their
-        # policy version (see freeze_lag_policy).
-        self.lag_policy: Policy | None = None
-        self.lag_version: int | None = None
+        # lag_logprobs=recompute: frozen copies of the weights the sampler held, by policy
+        # version, while some batch still to come may have been sampled by them (see
+        # freeze_lag_policy and release_lag_policies).
+        self.lag_policies: dict[int, Policy] = {}
+        self.fresh_version: int | None = None  # the copy equal to the current weights, if any
 
     def freeze_lag_policy(
         self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
@@ -92,49 +108,73 @@ class LocalTrainer:
         """Call whenever the sampler gets new weights, as policy ``version``: the current ones
         (``named_weights``, i.e. the tensors pushed), or ``weights`` when given (e.g. the model
         that sampled a rollout file). With ``algorithm.lag_logprobs=recompute`` they are copied
-        into the frozen lag policy: built on first use from the model's config,
-        in the policy's dtype on its device, no grad, eval mode, no optimizer state; one more
-        copy of the weights in memory. Otherwise nothing."""
+        into a frozen lag policy kept for that version (replacing one of the same version):
+        built from the model's config, in the policy's dtype on its device, no grad, eval mode,
+        no optimizer state; one more copy of the weights in memory per version kept, until
+        ``release_lag_policies`` drops it. Otherwise nothing."""
         if self.cfg.algorithm.lag_logprobs != "recompute":
             return
-        if self.lag_policy is None:
+        lag = self.lag_policies.pop(version, None)
+        if lag is None:
             dtype = next(self.policy.parameters()).dtype
             with torch.device(self.device):
                 model = AutoModelForCausalLM.from_config(self.policy.model.config, dtype=dtype)
-            self.lag_policy = Policy(model.requires_grad_(False).eval())
-        params = dict(self.lag_policy.model.named_parameters())
+            lag = Policy(model.requires_grad_(False).eval())
+        params = dict(lag.model.named_parameters())
         with torch.no_grad():
             for name, tensor in weights if weights is not None else self.named_weights():
                 params[name].copy_(tensor)
-        self.lag_version = version
+        self.lag_policies[version] = lag
+        self.fresh_version = version if weights is None else None
+
+    def release_lag_policies(self, oldest_needed: int | None) -> None:
+        """Drop the frozen copies of versions older than ``oldest_needed``, the oldest version
+        a batch still to be drawn may have been sampled by (None: keep all)."""
+        if oldest_needed is None:
+            return
+        for version in [v for v in self.lag_policies if v < oldest_needed]:
+            del self.lag_policies[version]
 
     def lag_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """log pi_lag [B, L-1] fp32 of the batch's targets (0 off the mask), on the batch's
         device, from ``algorithm.lag_logprobs``: ``sampler`` takes the engine's own
-        log-probs (at the sampling temperature); ``recompute`` runs the frozen lag policy's
-        forward only (no grad, the trainer's autocast, in micro-batches) through
-        ``linear_logprobs`` at the training temperature: no [N, V] logits. Every row must
-        have been sampled by the frozen version (call it right after sampling)."""
+        log-probs (at the sampling temperature); ``recompute`` runs, for each policy version
+        among the rows, that version's frozen copy forward only (no grad, the trainer's
+        autocast, in micro-batches) through ``linear_logprobs`` at the training temperature:
+        no [N, V] logits. Every row's version must still be frozen (call it when the batch is
+        drawn, before the copies of its versions are released)."""
         source = self.cfg.algorithm.lag_logprobs
         if source == "sampler":
             return batch.sampler_logprobs
         if source != "recompute":
             raise ValueError(f"unsupported algorithm.lag_logprobs {source!r}")
-        if self.lag_policy is None or bool((batch.versions != self.lag_version).any()):
+        versions = sorted(set(batch.versions.tolist()))
+        missing = [v for v in versions if v not in self.lag_policies]
+        if missing:
             raise ValueError(
-                f"rows sampled by policy versions {sorted(set(batch.versions.tolist()))}, but "
-                f"the frozen lag policy holds {self.lag_version}: compute lag_logprobs right "
-                "after sampling, and call freeze_lag_policy at each push"
+                f"rows sampled by policy versions {versions}, but the frozen lag policies hold "
+                f"{sorted(self.lag_policies)}: compute lag_logprobs when the batch is drawn, and "
+                "call freeze_lag_policy at each push"
             )
+        out = torch.zeros_like(batch.sampler_logprobs)
+        for version in versions:
+            rows = (batch.versions == version).nonzero().flatten()
+            part = batch if len(rows) == len(batch) else _select(batch, rows)
+            logp = self._frozen_logprobs(self.lag_policies[version], part)
+            out[rows.to(out.device), : logp.shape[1]] = logp.to(out.device)
+        return out
+
+    def _frozen_logprobs(self, lag: Policy, batch: TrainBatch) -> torch.Tensor:
+        """The frozen policy ``lag``'s log-probs [B, <=L-1] fp32 of ``batch``'s targets."""
         out = torch.zeros_like(batch.sampler_logprobs)
         for start, stop in self._micro_batches(batch, sharded=False):
             mb = batch.rows(start, stop).to(self.device)
             with torch.no_grad():
                 with self._autocast():
-                    hidden = self._hidden_states(self.lag_policy, mb)[:, :-1]
+                    hidden = self._hidden_states(lag, mb)[:, :-1]
                 targets = mb.input_ids[:, 1:].masked_fill(~mb.loss_mask, -100)
                 logp = linear_logprobs(
-                    hidden, self.lag_policy.lm_head_weight.to(hidden.dtype), targets,
+                    hidden, lag.lm_head_weight.to(hidden.dtype), targets,
                     temperature=self.cfg.generation.temperature, ignore_index=-100,
                     **self.kernel_args,
                 )
@@ -186,8 +226,12 @@ class LocalTrainer:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on ``batch``; returns scalar metrics. ``token_logratio_abs_mean``
         / ``_max``: |log pi_theta - the sampler's log-prob| per completion token at the weights
-        before the step (at lag 0 this is the engine-trainer mismatch, measured for free)."""
+        before the step (at lag 0 this is the engine-trainer mismatch, measured for free);
+        ``sampler_gap_*`` and ``lag_loss_*`` / ``lag_residual_abs_*`` (``metrics.gap_metrics``):
+        the sampler's log pi_lag against the recomputed one with ``lag_logprobs=recompute``,
+        else against the current policy's (meaningful at lag 0 only)."""
         m = self._step(*self._share(batch))
+        self.fresh_version = None  # the weights moved
         return {**m, "train_tokens": float(batch.attention_mask.sum())}
 
     def _share(self, batch: TrainBatch) -> tuple[TrainBatch, int, int]:
@@ -221,11 +265,14 @@ class LocalTrainer:
         plan = self._micro_batches(local)
         self.optimizer.zero_grad(set_to_none=True)
         # loss, seq_logratio_mean, entropy_mean, adv_abs_mean, sum and count of |logp - sampler|,
-        # positions the forwards processed, real tokens among them
-        sums = torch.zeros(8, dtype=torch.float64)
+        # positions the forwards processed, real tokens among them; then gap_sums
+        sums = torch.zeros(8 + len(GAP_SUMS), dtype=torch.float64)
         top = torch.zeros(1, dtype=torch.float64)  # max |logp - sampler|
+        a = self.cfg.algorithm
         for i, (start, stop) in enumerate(plan):
             mb = local.rows(start, stop)
+            if mb.lag_logprobs is None:
+                mb.lag_logprobs = self.lag_logprobs(mb)
             self._before_micro_batch(i, len(plan))
             out = self._loss(mb)
             seq_w = len(mb) / B
@@ -234,12 +281,18 @@ class LocalTrainer:
             (out.loss * w).backward()
             diff = (out.logprobs - mb.sampler_logprobs).abs()[mb.loss_mask].double()
             lengths = mb.attention_mask.sum(dim=1).tolist()
-            sums += torch.tensor([
+            sums[:8] += torch.tensor([
                 float(out.loss.detach()) * w, float(out.seq_logratio_mean) * seq_w,
                 float(out.entropy_mean) * tok_w, float(out.advantages.abs().mean()) * seq_w,
                 float(diff.sum()), diff.numel(),
                 packing.forward_positions(lengths, packing=self.packing, row_tokens=self.row_tokens),
                 sum(lengths)], dtype=torch.float64)
+            # The sampler's log pi_lag against the trainer's: the recomputed one, else the
+            # current policy's (the same weights at lag 0 only; the loop keeps it there).
+            ref = mb.lag_logprobs if a.lag_logprobs == "recompute" else out.logprobs
+            oapl = out.residuals is not None
+            sums[8:] += gap_sums(ref, mb.sampler_logprobs, mb.loss_mask, out.logprobs,
+                                 out.advantages, a.beta2 if oapl else None)
             if diff.numel():
                 top = torch.maximum(top, diff.max().cpu().reshape(1))
         sums, top = self._reduce(sums, top)
@@ -247,13 +300,14 @@ class LocalTrainer:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        loss, logratio, entropy, adv, diff_sum, diff_n, positions, real = sums.tolist()
+        loss, logratio, entropy, adv, diff_sum, diff_n, positions, real = sums[:8].tolist()
         return {"loss": loss, "seq_logratio_mean": logratio, "entropy_mean": entropy,
                 "adv_abs_mean": adv, "grad_norm": float(self._full_norm(norm)),
                 "token_logratio_abs_mean": diff_sum / diff_n if diff_n else 0.0,
                 "token_logratio_abs_max": float(top),
                 "train_pad_share": 1.0 - real / positions if positions else 0.0,
-                "micro_batches": float(len(plan))}
+                "micro_batches": float(len(plan)),
+                **gap_metrics(sums[8:], diff_n, with_loss=a.name == "oapl")}
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.named_weights()
@@ -266,6 +320,7 @@ class LocalTrainer:
         path = os.path.join(directory, "model.safetensors")
         safetensors.torch.save_model(self.policy.model, path)
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        self.save_lag_policies(directory)
 
     def load(self, directory: str) -> None:
         """Restore what ``save`` wrote."""
@@ -274,3 +329,33 @@ class LocalTrainer:
         )
         state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device)
         self.optimizer.load_state_dict(state)
+        self.load_lag_policies(directory)
+
+    def save_lag_policies(self, directory: str) -> None:
+        """Write the frozen copies a resumed run still needs into ``directory``
+        (``LAG_POLICIES_FILE``, tensors named ``<version>/<HF name>``; no file when there are
+        none): all but the one equal to the current weights (the resumed run's first push
+        freezes that again). With the engine ahead, the batches a checkpoint carries were
+        sampled by such older versions."""
+        tensors = {f"{v}/{name}": p.detach().cpu().contiguous()
+                   for v, lag in self.lag_policies.items() if v != self.fresh_version
+                   for name, p in lag.model.named_parameters()}
+        path = os.path.join(directory, LAG_POLICIES_FILE)
+        if tensors:
+            safetensors.torch.save_file(tensors, path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def load_lag_policies(self, directory: str) -> None:
+        """Replace the frozen copies with those ``save_lag_policies`` wrote (none if none)."""
+        self.lag_policies.clear()
+        self.fresh_version = None
+        path = os.path.join(directory, LAG_POLICIES_FILE)
+        if not os.path.exists(path):
+            return
+        by_version: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for key, tensor in safetensors.torch.load_file(path).items():
+            version, name = key.split("/", 1)
+            by_version.setdefault(int(version), []).append((name, tensor))
+        for version, named in sorted(by_version.items()):
+            self.freeze_lag_policy(version, named)
