@@ -38,8 +38,7 @@ def sample(cfg, path, tokenizer, engine: str):
     the generate call's seconds."""
     from oapl.batch import collate, pad_token_id, score_rollouts
     from oapl.engine.generator import VLLMGenerator
-    from oapl.prompts import PromptSampler, load_prompts
-    from oapl.run import sampling_seed
+    from oapl.prompts import PromptSampler, load_prompts, sampling_seed
     from oapl.tasks import load_reward
 
     gen_cfg = dataclasses.replace(cfg.generation, **ENGINES[engine])
