@@ -5,7 +5,10 @@ Each local server is ``python -m vllm.entrypoints.openai.api_server`` (the vllm-
 ``vllm`` script does not start) with the RL routes on (``VLLM_SERVER_DEV_MODE=1``), on a free
 port of 127.0.0.1, under an ``oapl.engine.server_guard`` process: the server and everything it
 starts are stopped when the run ends, on Ctrl-C and SIGTERM (``close``), and when the trainer
-dies, even by SIGKILL. Each server's output goes to ``<output_dir>/servers/server<i>.log``.
+dies, even by SIGKILL. Each server's output goes to ``<output_dir>/servers/server<i>.log``, and
+it runs in that directory: started in a source checkout, Python would take the checkout's
+``oapl.egg-info`` (possibly older than the install) for oapl's metadata, and vLLM would miss the
+gloo plugin's entry point.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ def server_command(model: str, port: int, g: GenerationConfig, seed: int,
 
 
 def server_env(g: GenerationConfig, devices: str | None) -> dict[str, str]:
-    """The environment of a local server: the RL routes on, ``devices`` as its
+    """The environment of a local server: the RL routes on, vLLM's INFO log (to the
+    server's log file), ``devices`` as its
     ``CUDA_VISIBLE_DEVICES``; on the CPU unbound OpenMP threads, ``generation.num_threads``
     of them (1 by default), unless the caller's environment sets those itself."""
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_LOGGING_LEVEL="INFO")  # to its log
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("OMP_NUM_THREADS", str(g.num_threads or 1))
     if devices is not None:
@@ -83,6 +87,7 @@ class LocalServers:
     its model); ``wait`` until they answer. ``log_dir``: where their logs go."""
 
     def __init__(self, model: str, g: GenerationConfig, seed: int, log_dir: str):
+        log_dir, model = os.path.abspath(log_dir), os.path.abspath(model)
         os.makedirs(log_dir, exist_ok=True)
         self.urls: list[str] = []
         self.logs: list[str] = []
@@ -96,7 +101,7 @@ class LocalServers:
                              "--", *server_command(model, port, g, seed)]
                     self.procs.append(subprocess.Popen(
                         guard, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                        env=server_env(g, devices), start_new_session=True))
+                        env=server_env(g, devices), cwd=log_dir, start_new_session=True))
                 self.urls.append(f"http://127.0.0.1:{port}")
                 self.logs.append(log)
         except BaseException:
