@@ -73,7 +73,7 @@ def test_nccl_weight_transfer_needs_ahead_a_cuda_trainer_and_vllm(monkeypatch):
     """Checked in the config, so no GPU is needed to see the errors."""
     load_config(None, NCCL)
     for extra, message in [
-        (["generation.weight_transfer=gloo"], "generation.weight_transfer must be one of"),
+        (["generation.weight_transfer=bogus"], "generation.weight_transfer must be one of"),
         (["generation.ahead=0"], "set generation.ahead >= 1"),
         (["trainer.device=cpu"], "set trainer.device to a CUDA device"),
         (["trainer.device=auto"], "set trainer.device to a CUDA device"),

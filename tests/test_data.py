@@ -18,7 +18,7 @@ def test_toy_max_task():
     assert len(task.records) == 100
     assert task.records[37] == {"prompt": "max 3 7 =", "answer": "7", "task": "max"}
     assert all(a in VOCAB for a in task.answers)
-    with pytest.raises(ValueError, match="available: \\['cmp', 'max', 'thr'\\]"):
+    with pytest.raises(ValueError, match="available: \\['ask', 'cmp', 'max', 'thr'\\]"):
         toy_task("sum")
 
 
