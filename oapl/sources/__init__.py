@@ -3,14 +3,16 @@
 - ``engine.EngineSource``: an engine samples inline, in this process (``generation.ahead: 0``);
 - ``ahead.AheadSource``: an engine in its own worker process (``worker``) samples
   ``generation.ahead`` batches ahead of the trainer, on a fixed schedule (``schedule``);
-- ``file.RolloutFileSource``: a rollout file, no engine (``data.rollouts``; offline rounds).
+- ``file.RolloutFileSource``: a rollout file, no engine (``data.rollouts``; offline rounds);
+- ``servers.ServerSource``: vLLM servers (``generation.servers`` / ``replicas``), on the same
+  fixed schedule.
 
 Every source hands out ``ScoredBatch``es and takes weights, never the trainer (``base``).
 """
 
 from __future__ import annotations
 
-from ..config import Config
+from ..config import Config, uses_servers
 from ..engine.generator import Generator
 from .ahead import AheadSource
 from .base import BatchSource, ScoredBatch
@@ -29,6 +31,12 @@ def make_source(cfg: Config, model_path: str, tokenizer, generator: Generator | 
         if generator is not None:
             raise ValueError("data.rollouts trains from a file: no engine is used")
         return RolloutFileSource(cfg, model_path, tokenizer)
+    if uses_servers(cfg.generation):
+        if generator is not None:
+            raise ValueError("generation.servers/replicas sample on servers: pass no engine")
+        from .servers import ServerSource  # imports aiohttp
+
+        return ServerSource(cfg, model_path, tokenizer)
     if generator is not None:
         if cfg.generation.ahead:
             raise ValueError("generation.ahead >= 1 runs its own engine process: pass no engine")
