@@ -137,7 +137,6 @@ class VLLMGenerator:
         params = [self._sampling_params(sampling, s) for s in seeds]
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
-            lora_request=self._lora_request,
         )
         groups = []
         for idx, ids, out in zip(prompt_indices, prompts, outs):
