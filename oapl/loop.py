@@ -33,7 +33,9 @@ from transformers import AutoTokenizer
 
 from .batch import ScoredBatch, TrainBatch, collate, pad_token_id
 from .config import Config
+from .engine.adapter import metered
 from .engine.generator import Generator
+from .engine.transport import wire_dtype
 from .metrics import step_record
 from .model_dir import hf_weights, model_dir
 from .run import Loggers, check_run_dir, export_final, open_run_dir, seed_all, set_threads
@@ -70,16 +72,18 @@ class _Loop:
         else:
             self.push()
 
-    def push(self) -> float:
-        """The trainer's weights to the source as version ``step``, if it needs them, and the
-        trainer's frozen pi_lag with them; the seconds the push itself took."""
+    def push(self) -> tuple[float, int]:
+        """The trainer's weights (``push_weights``: with ``model.lora`` the adapter) to the
+        source as version ``step``, if it needs them, and the trainer's frozen pi_lag with
+        them; the seconds the push itself took and the bytes it moved (in the wire dtype)."""
         if not self.source.needs(self.step):
-            return 0.0
+            return 0.0, 0
         t = time.perf_counter()
-        self.source.push(self.trainer.named_weights(), self.step)
+        weights, moved = metered(self.trainer.push_weights(), wire_dtype(self.cfg.generation.dtype))
+        self.source.push(weights, self.step)
         push_s = time.perf_counter() - t
         self.trainer.freeze_lag_policy(self.step)
-        return push_s
+        return push_s, moved()
 
     def train_minibatch(self, b: ScoredBatch, train: TrainBatch, rows: slice) -> dict:
         """One optimizer step on rows ``rows`` of ``train`` (collated from ``b``), the push if
@@ -92,14 +96,16 @@ class _Loop:
         lag = self.step - float(mb.versions.float().mean())
         self.step += 1
         sync_s = push_s = 0.0
+        push_bytes = 0
         if self.step % self.cfg.algorithm.sync_every == 0:
             t = time.perf_counter()
-            push_s = self.push()
+            push_s, push_bytes = self.push()
             sync_s = time.perf_counter() - t
         timings = {"generate_s": 0.0, "score_s": 0.0, "lag_logprobs_s": 0.0,
                    **{key: v / k for key, v in b.timings.items()}}
         step_s = sum(timings.values()) + train_s + sync_s
         extra = {**timings, "train_s": train_s, "sync_s": sync_s, "push_s": push_s,
+                 "push_bytes": push_bytes,
                  "lag_max": self.step - 1 - int(mb.versions.min()), **b.metrics,
                  **self.mismatch(mb, m, lag)}
         if "wait_s" in timings:
@@ -210,7 +216,7 @@ def train(cfg: Config, generator: Generator | None = None,
         latest = open_run_dir(cfg)
         seed_all(cfg.seed)  # after the engine: building one reseeds the global RNGs
         policy = Policy.from_pretrained(path, getattr(torch, cfg.model.dtype),
-                                        resolve_device(cfg.trainer.device))
+                                        resolve_device(cfg.trainer.device), cfg.model.lora)
         trainer = trainer_cls(policy, cfg)
         step = 0
         if latest is not None:

@@ -3,10 +3,12 @@
 ``model_dir(path, cfg)`` accepts ``tiny`` (the built-in model, built under
 ``<cfg.output_dir>/base_model`` by ``prepare_tiny``), a built-in alias
 (``builtin:smollm2-135m-instruct``, see ``oapl.model_source``), a HF directory (a run's ``final_model`` or ``base_model``
-included), or a training checkpoint ``<run>/checkpoints/step_<N>`` (weights and optimizer
-only): the checkpoint's weights are loaded into its run's base model and saved once, as a HF
-directory, under ``<cfg.output_dir>/models/<run>-step_<N>`` (written to a temporary name and
-renamed, so an interrupted export is never taken for a finished one).
+included), a training checkpoint ``<run>/checkpoints/step_<N>`` (weights and optimizer
+only), or a LoRA adapter directory (a ``model.lora`` run's ``final_model``, naming its base):
+the checkpoint's weights, or its adapter merged in, are loaded into the base model and saved
+once, as a HF directory, under ``<cfg.output_dir>/models/<run>-step_<N>`` (or
+``<run>-final_model``; written to a temporary name and renamed, so an interrupted export is
+never taken for a finished one).
 
 ``push_model(generator, path, version)`` loads a HF directory's weights into a running engine.
 """
@@ -23,6 +25,7 @@ import yaml
 
 from . import tiny
 from .config import Config
+from .engine.adapter import ADAPTER_FILE, CONFIG_FILE, is_adapter_dir
 from .engine.generator import Generator
 from .model_source import BUILTIN_PREFIX, resolve_model
 from .tasks.toy import toy_task
@@ -87,26 +90,62 @@ def _export_checkpoint(ckpt: str, out_root: str) -> str:
     if base.startswith(BUILTIN_PREFIX):
         base = resolve_model(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    safetensors.torch.load_model(model, os.path.join(ckpt, "model.safetensors"))
+    if os.path.isfile(os.path.join(ckpt, ADAPTER_FILE)):  # a model.lora run: its adapter
+        model = _merged(model, ckpt)
+    else:
+        safetensors.torch.load_model(model, os.path.join(ckpt, "model.safetensors"))
+    return _save_once(model, AutoTokenizer.from_pretrained(base), out)
+
+
+def _merged(model, adapter_dir: str):
+    """``model`` with the PEFT adapter of ``adapter_dir`` merged into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def _save_once(model, tokenizer, out: str) -> str:
+    """Save ``model`` and ``tokenizer`` as the HF directory ``out``, atomically."""
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
 
 
+def _export_adapter(path: str, out_root: str) -> str:
+    """The adapter directory ``path`` merged into the base its config names, as a HF
+    directory under ``out_root`` (exported once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    out = os.path.join(out_root, f"{parent}-{os.path.basename(os.path.normpath(path))}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        raise ValueError(f"{path}: its {CONFIG_FILE} names base model {base!r}, which is not a "
+                         "model directory here")
+    model = _merged(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), path)
+    tok = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
+    return _save_once(model, AutoTokenizer.from_pretrained(tok), out)
+
+
 def model_dir(path: str, cfg: Config) -> str:
-    """``path`` (``tiny``, a HF directory, or a checkpoint) as a HF directory."""
+    """``path`` (``tiny``, a HF directory, a checkpoint, or an adapter) as a HF directory."""
     if path == "tiny":
         return prepare_tiny(cfg)
     if path.startswith(BUILTIN_PREFIX):  # e.g. builtin:smollm2-135m-instruct
         return resolve_model(path)
     if is_checkpoint(path):
         return _export_checkpoint(path, os.path.join(cfg.output_dir, "models"))
+    if is_adapter_dir(path):
+        return _export_adapter(path, os.path.join(cfg.output_dir, "models"))
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"model {path!r}: not `tiny`, a builtin: alias, a HF model directory "
-                         "or a checkpoint")
+        raise ValueError(f"model {path!r}: not `tiny`, a builtin: alias, a HF model directory, "
+                         "a checkpoint or a LoRA adapter directory")
     return path
 
 

@@ -4,10 +4,6 @@ never interrupted."""
 
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -16,6 +12,8 @@ from oapl.cli import main
 from oapl.config import load_config
 from oapl.loop import train
 from oapl.metrics import read_metrics
+
+from cli_runs import kill_after_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
@@ -71,23 +69,9 @@ def test_sigkill_then_resume(tmp_path, engine):
     """A CLI run is killed after its first checkpoints; `resume=true` finishes it. Sampling is
     seeded per batch, so the result matches an uninterrupted run (checked on rewards)."""
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "oapl.cli", "train", TINY, f"output_dir={killed}",
-           "trainer.steps=1000", *SMALL]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    last_ckpt, written = kill_after_steps(TINY, killed, ["trainer.steps=1000", *SMALL],
+                                          timeout=240)
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
-    try:
-        while not (metrics.exists() and len(read_metrics(str(metrics))) >= 5):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run made no progress"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    last_ckpt = int(os.path.basename(list_checkpoints(str(killed / "checkpoints"))[-1])[5:])
-    written = len(read_metrics(str(metrics)))
     assert last_ckpt >= 4 and written >= last_ckpt
     steps = written + 2 + written % 2  # beyond the kill, a multiple of minibatches
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..batch import Rollout
 from ..config import GenerationConfig
 from ..prompts import Prompt
+from .adapter import AdapterDirs, AdapterWeights, adapter_name, engine_max_rank
 from .transport.base import wire_dtype
 
 
@@ -63,6 +64,8 @@ def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> No
 class VLLMGenerator:
     """``vllm.LLM`` in this process, seeded, with log-probs in ``cfg.logprobs_mode``.
     ``cfg`` gives the engine's settings; each ``generate`` call its sampling settings.
+    ``lora_rank`` > 0 (``model.lora.rank``): the engine serves LoRA adapters of up to that
+    rank on its base weights, and each push is an ``AdapterWeights`` (see ``load_weights``).
 
     Side effects of building it (vLLM's, undone here where possible): vLLM replaces
     ``torch.set_num_threads`` with a no-op (``torch._C.set_num_threads`` still works) and
@@ -70,7 +73,8 @@ class VLLMGenerator:
     construction.
     """
 
-    def __init__(self, model_path: str, cfg: GenerationConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: GenerationConfig, seed: int = 0,
+                 lora_rank: int = 0):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, SamplingParams
@@ -93,7 +97,12 @@ class VLLMGenerator:
             kwargs["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes
         if cfg.weight_transfer == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=engine_max_rank(lora_rank), max_loras=1)
         kwargs.update(cfg.engine_kwargs)
+        # With LoRA: the adapter of the version held, as vLLM's request, and where it lies.
+        self._lora_request = None
+        self._adapter_dirs = AdapterDirs() if lora_rank else None
         threads = torch.get_num_threads()
         self.llm = LLM(**kwargs)
         torch._C.set_num_threads(threads)  # the original; vLLM made torch's a no-op
@@ -137,6 +146,7 @@ class VLLMGenerator:
         params = [self._sampling_params(sampling, s) for s in seeds]
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+            lora_request=self._lora_request,
         )
         groups = []
         for idx, ids, out in zip(prompt_indices, prompts, outs):
@@ -148,12 +158,36 @@ class VLLMGenerator:
             groups.append(group)
         return groups
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | AdapterWeights,
+                     version: int) -> None:
         """Push weights into the running engine (cast to the engine's dtype), then drop the
-        prefix cache: its KV entries were computed with the old weights."""
+        prefix cache: its KV entries were computed with the old weights. An ``AdapterWeights``
+        (an engine built with ``lora_rank``) becomes the adapter every later request samples
+        with (``load_adapter``)."""
+        if isinstance(named_tensors, AdapterWeights):
+            self.load_adapter(named_tensors, version)
+            return
         tensors = [(k, v.detach().to(self._push_dtype or v.dtype)) for k, v in named_tensors]
         self.llm.collective_rpc(_reload_weights, args=(tensors,))
         self.llm.reset_prefix_cache()
+        self.version = version
+
+    def load_adapter(self, adapter: AdapterWeights, version: int) -> None:
+        """Make ``adapter`` version ``version``'s: written as a PEFT directory, loaded into the
+        engine as LoRA id ``version + 1`` (vLLM's prefix cache is keyed by it, so nothing goes
+        stale), the previous version's adapter unloaded. The base weights stay as they are."""
+        from vllm.lora.request import LoRARequest
+
+        if self._adapter_dirs is None:
+            raise ValueError("this engine was built without LoRA (lora_rank=0): it takes full "
+                             "weights, not an adapter")
+        path = self._adapter_dirs.write(adapter.cpu_copy(self._push_dtype), version)
+        request = LoRARequest(adapter_name(version), version + 1, path, load_inplace=True)
+        self.llm.llm_engine.add_lora(request)
+        previous, self._lora_request = self._lora_request, request
+        if previous is not None and previous.lora_int_id != request.lora_int_id:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            self._adapter_dirs.remove(previous.lora_int_id - 1)
         self.version = version
 
     def init_weight_transfer(self, init_info: dict) -> None:
@@ -180,8 +214,11 @@ class VLLMGenerator:
         self.version = version
 
     def close(self) -> None:
-        """Free the engine (a new one in this process then builds quickly)."""
+        """Free the engine (a new one in this process then builds quickly) and its adapters'
+        directories."""
         del self.llm
+        if self._adapter_dirs is not None:
+            self._adapter_dirs.close()
         gc.collect()
 
 

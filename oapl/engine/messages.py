@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from ..batch import ScoredBatch
+from .adapter import AdapterWeights
 
 
 @dataclass
@@ -41,7 +42,8 @@ class Stop:
 @dataclass
 class Push:
     version: int
-    weights: list[tuple[str, torch.Tensor]]  # (HF name, tensor), CPU, the engine's dtype
+    # (HF name, tensor) pairs, or a LoRA adapter (oapl.engine.adapter); CPU, the engine's dtype
+    weights: list[tuple[str, torch.Tensor]] | AdapterWeights
 
 
 @dataclass

@@ -79,6 +79,9 @@ class FSDPTrainer(LocalTrainer):
     ranks call ``follow``."""
 
     def __init__(self, policy: Policy, cfg: Config):
+        if cfg.model.lora.rank:
+            raise ValueError("model.lora is not supported under torchrun (FSDP2) yet: train "
+                             "LoRA adapters in one process")
         self.world = dist.get_world_size()
         groups = cfg.data.prompts_per_step // cfg.trainer.minibatches
         if groups % self.world:

@@ -35,7 +35,11 @@ class Trainer(Protocol):
         """One optimizer step on ``batch``; returns scalar metrics."""
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The current weights with Hugging Face names, for the generator."""
+        """The current weights with Hugging Face names (with LoRA: merged)."""
+
+    def push_weights(self):
+        """What a push hands the engine: ``named_weights``, or with ``model.lora`` the adapter
+        (an ``oapl.engine.adapter.AdapterWeights``)."""
 
     def save(self, directory: str) -> None:
         """Write model and optimizer state into the (existing) ``directory``."""
@@ -83,7 +87,8 @@ class LocalTrainer:
         self.device = next(policy.parameters()).device
         t = cfg.trainer
         self.optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            policy.trainable_parameters(), lr=t.lr, betas=tuple(t.betas),
+            weight_decay=t.weight_decay
         )
         self.autocast_dtype = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
         # The loss kernels' scratch memory (trainer.workspace_mb; None: their default) and their
@@ -113,6 +118,9 @@ class LocalTrainer:
         no optimizer state; one more copy of the weights in memory per version kept, until
         ``release_lag_policies`` drops it. Otherwise nothing."""
         if self.cfg.algorithm.lag_logprobs != "recompute":
+            return
+        if self.policy.lora is not None:  # the same base with a frozen copy of the adapter
+            self.lag_policies[version] = self.policy.frozen_copy(weights)
             return
         lag = self.lag_policies.pop(version, None)
         if lag is None:
@@ -312,21 +320,24 @@ class LocalTrainer:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.policy.named_weights()
 
+    def push_weights(self):
+        # Without LoRA through named_weights, which a subclass may override (FSDP gathers).
+        return self.policy.push_weights() if self.policy.lora is not None else self.named_weights()
+
     def save_pretrained(self, directory: str) -> None:
-        self.policy.model.save_pretrained(directory)
+        """The model (with LoRA: the adapter, or merged with ``output.merge_lora``)."""
+        self.policy.save_pretrained(directory, merge_lora=self.cfg.output.merge_lora)
 
     def save(self, directory: str) -> None:
-        """Write ``model.safetensors`` (tied weights stored once) and ``optimizer.pt``."""
-        path = os.path.join(directory, "model.safetensors")
-        safetensors.torch.save_model(self.policy.model, path)
+        """Write the trained weights (``Policy.save_weights``: the model, or the adapter) and
+        ``optimizer.pt``."""
+        self.policy.save_weights(directory)
         torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         self.save_lag_policies(directory)
 
     def load(self, directory: str) -> None:
         """Restore what ``save`` wrote."""
-        safetensors.torch.load_model(
-            self.policy.model, os.path.join(directory, "model.safetensors"), device=str(self.device)
-        )
+        self.policy.load_weights(directory)
         state = torch.load(os.path.join(directory, "optimizer.pt"), map_location=self.device)
         self.optimizer.load_state_dict(state)
         self.load_lag_policies(directory)
@@ -336,7 +347,9 @@ class LocalTrainer:
         (``LAG_POLICIES_FILE``, tensors named ``<version>/<HF name>``; no file when there are
         none): all but the one equal to the current weights (the resumed run's first push
         freezes that again). With the engine ahead, the batches a checkpoint carries were
-        sampled by such older versions."""
+        sampled by such older versions. LoRA's frozen adapters are not written."""
+        if self.policy.lora is not None:
+            return
         tensors = {f"{v}/{name}": p.detach().cpu().contiguous()
                    for v, lag in self.lag_policies.items() if v != self.fresh_version
                    for name, p in lag.model.named_parameters()}

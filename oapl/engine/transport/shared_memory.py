@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..adapter import AdapterWeights
 from ..messages import Push
 from .base import Weights
 
@@ -28,8 +29,10 @@ class SharedMemorySender:
         self.inbox, self.dtype = inbox, dtype
         sys.excepthook = _quiet_resource_sharer
 
-    def send(self, version: int, weights: Weights) -> None:
-        self.inbox.put(Push(version, cpu_copies(weights, self.dtype)))
+    def send(self, version: int, weights: Weights | AdapterWeights) -> None:
+        copy = (weights.cpu_copy(self.dtype) if isinstance(weights, AdapterWeights)
+                else cpu_copies(weights, self.dtype))
+        self.inbox.put(Push(version, copy))
 
     def check(self) -> None:
         pass

