@@ -289,6 +289,14 @@ def _reset_peak_rss() -> int:
     return _proc_status_kb("VmRSS") * 1024
 
 
+def peak_rss(fn) -> tuple[object, int]:
+    """Run ``fn()``; return its result and the process's resident-set high-water mark during the
+    call above the resident set before it (bytes; every allocation, torch's or not; see above)."""
+    base = _reset_peak_rss()
+    out = fn()
+    return out, _proc_status_kb("VmHWM") * 1024 - base
+
+
 def peak_allocated(fn) -> tuple[object, int]:
     """Run ``fn()``; return its result and the peak bytes that torch's allocator held during the
     call above what it held before (tensors alive at the end, the result's included, count).

