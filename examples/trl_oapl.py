@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     logs = [h for h in trainer.state.log_history if "reward" in h]
     summary = {
-        "reward_first3": sum(h["reward"] for h in logs[:3]) / 3,
-        "reward_last3": sum(h["reward"] for h in logs[-3:]) / 3,
+        "reward_first3": sum(h["reward"] for h in logs[:3]) / len(logs[:3]),
+        "reward_last3": sum(h["reward"] for h in logs[-3:]) / len(logs[-3:]),
         "lag_max": max(h["oapl/lag_max"] for h in logs),
         "log_ratio_abs_mean": sum(abs(h["oapl/log_ratio"]) for h in logs) / len(logs),
         "processes": trainer.accelerator.num_processes,
