@@ -10,10 +10,11 @@ import warnings
 import peft
 import pytest
 import torch
-import trl.trainer.grpo_trainer as trl_grpo
 
+from oapl.integrations.trl import OAPLConfig, OAPLTrainer, group_values  # first: it filters TRL's notices
+
+import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (isort: skip)
 from benchmarks import naive
-from oapl.integrations.trl import OAPLConfig, OAPLTrainer, group_values
 from oapl.tiny import build_tiny_model
 from oapl_kernels import oapl_loss
 from trl_ddp_worker import digit_reward, prompts

@@ -10,11 +10,12 @@ weights and the number of processes.
 import sys
 
 import torch
-import trl.trainer.grpo_trainer as trl_grpo
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from oapl.integrations.trl import OAPLConfig, OAPLTrainer
+from oapl.integrations.trl import OAPLConfig, OAPLTrainer  # first: it filters TRL's notices
+
+import trl.trainer.grpo_trainer as trl_grpo  # noqa: E402  (isort: skip)
 
 
 def prompts() -> Dataset:
