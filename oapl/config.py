@@ -294,7 +294,7 @@ class Config:
         _check_servers(g, d)
         if g.weight_transfer == "nccl" and not uses_servers(g):
             _check_nccl_transfer(g.ahead, t.device)
-        _check_lora(self.model.lora, g.weight_transfer)
+        _check_lora(self.model.lora, g)
         for key, value in [("data.reward_workers", d.reward_workers),
                            ("trainer.workspace_mb", t.workspace_mb)]:  # optional: None = default
             if value is not None and value < 1:
@@ -345,7 +345,7 @@ def _or_one(value: int | None) -> int:
     return 1 if value is None else value
 
 
-def _check_lora(lora: LoraConfig, weight_transfer: str) -> None:
+def _check_lora(lora: LoraConfig, g: GenerationConfig) -> None:
     """``model.lora``'s own limits; the model-dependent checks (targets, rank) come when the
     model is loaded (oapl/training/lora.py)."""
     if lora.rank < 0:
@@ -360,10 +360,11 @@ def _check_lora(lora: LoraConfig, weight_transfer: str) -> None:
     if not lora.target_modules:
         raise ValueError("model.lora.target_modules is empty: name modules (e.g. [q_proj, v_proj]) "
                          "or use [all-linear]")
-    if weight_transfer != "shared_memory" and lora.push == "adapter":
+    if g.weight_transfer != "shared_memory" and lora.push == "adapter" and not uses_servers(g):
         raise ValueError("model.lora.push=adapter sends the adapter (megabytes) to an engine of "
-                         "this machine through shared memory: use model.lora.push=merged with "
-                         f"generation.weight_transfer={weight_transfer} (and with servers)")
+                         "this machine through shared memory, or to vLLM servers through their "
+                         "adapter routes: use model.lora.push=merged with "
+                         f"generation.weight_transfer={g.weight_transfer}")
 
 
 def uses_servers(g: GenerationConfig) -> bool:

@@ -2,12 +2,15 @@
 push payload, bad input, export; with the engine (slow): the engine samples with the pushed
 adapter, the loop inline and ahead, and SIGKILL + resume."""
 
+import dataclasses
 import math
 import os
+import types
 from dataclasses import replace
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -317,3 +320,94 @@ def test_lora_sigkill_then_resume(tmp_path, lora_engine):
     torch.testing.assert_close(torch.tensor([r["loss"] for r in resumed]),
                                torch.tensor([r["loss"] for r in expect]), rtol=1e-5, atol=1e-7)
     assert any(r["loss"] != expect[0]["loss"] for r in expect)  # the adapter trains
+
+
+def test_lora_lag_policies_are_kept_in_checkpoints(tiny_model_dir, tmp_path):
+    """With lag_logprobs=recompute a checkpoint holds the frozen adapters (and a frozen copy
+    that is the base itself) but the one equal to the current adapter; a trainer that loads
+    it recomputes log pi_lag exactly as the one that wrote it."""
+    cfg = _cfg()
+    cfg.algorithm.lag_logprobs = "recompute"
+    policy = _lora_policy(tiny_model_dir)
+    trainer = LocalTrainer(policy, cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer.freeze_lag_policy(0, base.named_parameters())  # the base: no adapter
+    _perturb_b(policy.model, seed=2)
+    trainer.freeze_lag_policy(2)
+    _perturb_b(policy.model, seed=3)
+    trainer.freeze_lag_policy(4)  # the current adapter: not written
+    trainer.save(str(tmp_path))
+    saved = safetensors.torch.load_file(str(tmp_path / "lag_policies.safetensors"))
+    assert {k.split("/", 1)[0] for k in saved} == {"0", "2"}
+    assert len(saved) == 1 + 2 * 3 * 2  # the base's marker, then A, B x 3 modules x 2 layers
+
+    batch = _batch()
+    batch.versions = torch.tensor([0] * 4 + [2] * 4 + [0] * 4)  # by group
+    expect = trainer.lag_logprobs(batch)
+    other = LocalTrainer(_lora_policy(tiny_model_dir, seed=7), cfg)
+    other.load(str(tmp_path))
+    assert sorted(other.lag_policies) == [0, 2]
+    torch.testing.assert_close(other.lag_logprobs(batch), expect, atol=0, rtol=0)
+    assert not torch.equal(trainer.lag_logprobs(dataclasses.replace(
+        batch, versions=torch.full_like(batch.versions, 2))), expect)
+
+
+def test_lora_push_merged_hands_over_full_weights(tiny_model_dir):
+    """model.lora.push=merged: pushes are the base with the adapter merged in (for an engine
+    without LoRA), the engine built without LoRA; with servers either is accepted."""
+    cfg = _cfg(LoraConfig(rank=4, alpha=8.0, target_modules=["q_proj"], push="merged"))
+    assert cfg.model.lora.engine_rank == 0
+    policy = _lora_policy(tiny_model_dir, lora=cfg.model.lora)
+    _perturb_b(policy.model)
+    pushed = dict(LocalTrainer(policy, cfg).push_weights())
+    merged = dict(policy.named_weights())
+    assert pushed.keys() == merged.keys() and all(torch.equal(pushed[k], merged[k]) for k in merged)
+    for push in ("adapter", "merged"):  # servers: the adapter routes, or the weight routes
+        load_config(TINY, ["model.lora.rank=4", f"model.lora.push={push}",
+                           "generation.replicas=1", "generation.weight_transfer=gloo"])
+
+
+def test_servers_serve_adapters(tmp_path, tiny_model_dir):
+    """Servers for model.lora: started with LoRA on and the adapter routes allowed; an update
+    loads the version's adapter on every server, names it in later requests, unloads the
+    version before and removes its directory."""
+    from oapl.engine.adapter import adapter_name
+    from oapl.engine.servers import server_command, server_env
+    from oapl.engine.transport.adapter_routes import AdapterSender
+
+    g = load_config(TINY, []).generation
+    cmd = server_command("m", 1234, g, 0, lora_rank=12)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16" and "--enable-lora" in cmd
+    assert "--enable-lora" not in server_command("m", 1234, g, 0)
+    assert server_env(g, None)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
+
+    class Server:
+        def __init__(self):
+            self.adapter, self.posts = None, []
+
+        def post(self, path, body):
+            self.posts.append((path, body))
+
+    servers = [Server(), Server()]
+    sender = AdapterSender(types.SimpleNamespace(servers=servers), str(tmp_path / "a"),
+                           torch.bfloat16)
+    sender.init()
+    policy = _lora_policy(tiny_model_dir)
+    for version in (0, 2):
+        _perturb_b(policy.model, seed=version + 2)
+        sender.send(version, policy.push_weights())
+        assert sender.has(version)
+        sender.deliver(version)
+    path = str(tmp_path / "a" / "v2")
+    for s in servers:
+        assert s.adapter == adapter_name(2)
+        assert s.posts == [
+            ("v1/load_lora_adapter", {"lora_name": "oapl-v0", "lora_path": str(tmp_path / "a/v0")}),
+            ("v1/load_lora_adapter", {"lora_name": "oapl-v2", "lora_path": path}),
+            ("v1/unload_lora_adapter", {"lora_name": "oapl-v0"})]
+    assert sorted(os.listdir(tmp_path / "a")) == ["v2"] and is_adapter_dir(path)
+    loaded = safetensors.torch.load_file(os.path.join(path, "adapter_model.safetensors"))
+    for k, t in policy.push_weights().tensors.items():
+        assert torch.equal(loaded[k], t.to(torch.bfloat16))
+    with pytest.raises(TypeError, match="LoRA adapters only"):
+        sender.send(4, policy.named_weights())

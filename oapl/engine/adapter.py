@@ -7,7 +7,7 @@ and ``...lora_B.weight``, the names PEFT saves and vLLM loads) with the adapter'
 ``adapter_config.json``. vLLM loads adapters from a directory, so the engine's side writes the
 payload as a PEFT directory (on a RAM disk where there is one) and loads it as a
 ``LoRARequest`` of that version (``VLLMGenerator``); a vLLM server loads the same directory
-through its adapter route (``load_adapter_over_http``).
+through its adapter route (``oapl.engine.transport.adapter_routes``).
 
 Nothing here imports vLLM.
 """
@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -129,24 +128,3 @@ class AdapterDirs:
 def adapter_name(version: int) -> str:
     """The engine's name for the adapter of policy ``version`` (vLLM ids: ``version + 1``)."""
     return f"oapl-v{version}"
-
-
-def load_adapter_over_http(base_url: str, version: int, path: str,
-                           previous: int | None = None, timeout: float = 60.0) -> None:
-    """Load the adapter directory ``path`` (on a filesystem the server reads) into a vLLM
-    server as ``adapter_name(version)`` through its adapter routes, then unload version
-    ``previous`` when given. Completions then sample it with ``"model":
-    adapter_name(version)``. The server must run with ``--enable-lora --max-lora-rank R``
-    (``engine_max_rank``) and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`` in its environment."""
-    _post(f"{base_url}/v1/load_lora_adapter",
-          {"lora_name": adapter_name(version), "lora_path": path}, timeout)
-    if previous is not None:
-        _post(f"{base_url}/v1/unload_lora_adapter", {"lora_name": adapter_name(previous)},
-              timeout)
-
-
-def _post(url: str, body: dict, timeout: float) -> None:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        resp.read()

@@ -72,6 +72,7 @@ class ServerClient:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.model = ""  # the served model's name, from connect
+        self.adapter: str | None = None  # the LoRA adapter requests name instead, if any
         self.workers = 1  # its weight-receiving workers (tensor x pipeline x data parallel)
 
     def fail(self, what: str, exc: BaseException | None = None) -> ServerError:
@@ -117,7 +118,7 @@ class ServerClient:
 
         try:
             async with session.post(f"{self.url}/v1/completions",
-                                    json=completion_payload(self.model, sample, g),
+                                    json=completion_payload(self.adapter or self.model, sample, g),
                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
                 text = await r.text()
                 if r.status != 200:

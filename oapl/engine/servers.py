@@ -23,15 +23,18 @@ import time
 
 from ..config import GenerationConfig
 from ..errors import EngineError
+from .adapter import engine_max_rank
 from .server_client import ServerClient
 
 POLL_S = 1.0  # how often a wait for the servers to come up checks them
 
 
 def server_command(model: str, port: int, g: GenerationConfig, seed: int,
-                   host: str = "127.0.0.1") -> list[str]:
+                   host: str = "127.0.0.1", lora_rank: int = 0) -> list[str]:
     """The command line of a server for ``model`` at ``host:port`` with the engine settings of
-    ``g`` (``engine_kwargs`` become ``--key-with-dashes value`` flags)."""
+    ``g`` (``engine_kwargs`` become ``--key-with-dashes value`` flags); ``lora_rank`` > 0:
+    serving LoRA adapters of up to that rank (``model.lora``, loaded through the adapter
+    routes, which also need ``server_env``'s ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", host, "--port", str(port), "--seed", str(seed),
            "--dtype", g.dtype, "--max-model-len", str(g.max_model_len),
@@ -42,6 +45,9 @@ def server_command(model: str, port: int, g: GenerationConfig, seed: int,
         cmd += ["--kv-cache-memory-bytes", str(g.kv_cache_memory_bytes)]
     if g.enforce_eager:
         cmd.append("--enforce-eager")
+    if lora_rank:
+        cmd += ["--enable-lora", "--max-lora-rank", str(engine_max_rank(lora_rank)),
+                "--max-loras", "1"]
     for key, value in g.engine_kwargs.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -53,10 +59,11 @@ def server_command(model: str, port: int, g: GenerationConfig, seed: int,
 
 def server_env(g: GenerationConfig, devices: str | None) -> dict[str, str]:
     """The environment of a local server: the RL routes on, vLLM's INFO log (to the
-    server's log file), ``devices`` as its
+    server's log file), the adapter routes on, ``devices`` as its
     ``CUDA_VISIBLE_DEVICES``; on the CPU unbound OpenMP threads, ``generation.num_threads``
     of them (1 by default), unless the caller's environment sets those itself."""
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_LOGGING_LEVEL="INFO")  # to its log
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_LOGGING_LEVEL="INFO",  # to its log
+               VLLM_ALLOW_RUNTIME_LORA_UPDATING="1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("OMP_NUM_THREADS", str(g.num_threads or 1))
     if devices is not None:
@@ -84,9 +91,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class LocalServers:
     """``g.replicas`` servers for ``model``, started now (they build while the trainer loads
-    its model); ``wait`` until they answer. ``log_dir``: where their logs go."""
+    its model); ``wait`` until they answer. ``log_dir``: where their logs go; ``lora_rank``:
+    see ``server_command``."""
 
-    def __init__(self, model: str, g: GenerationConfig, seed: int, log_dir: str):
+    def __init__(self, model: str, g: GenerationConfig, seed: int, log_dir: str,
+                 lora_rank: int = 0):
         log_dir, model = os.path.abspath(log_dir), os.path.abspath(model)
         os.makedirs(log_dir, exist_ok=True)
         self.urls: list[str] = []
@@ -98,7 +107,7 @@ class LocalServers:
                 log = os.path.join(log_dir, f"server{i}.log")
                 with open(log, "w") as out:
                     guard = [sys.executable, "-m", "oapl.engine.server_guard", str(os.getpid()),
-                             "--", *server_command(model, port, g, seed)]
+                             "--", *server_command(model, port, g, seed, lora_rank=lora_rank)]
                     self.procs.append(subprocess.Popen(
                         guard, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                         env=server_env(g, devices), cwd=log_dir, start_new_session=True))

@@ -17,7 +17,9 @@ before ``b`` and the trainer has pushed that version. The servers are not paused
 is staged on them: they sample the batches due for the old version until the update, and
 nothing else is due (``push`` stages the trainer's copy and returns). A server starts batch
 ``b`` once the trainer has taken batch ``b - max(K, 1)`` (at most ``max(K, 1)`` finished
-batches wait).
+batches wait). With ``model.lora.push: adapter`` an update is each server loading the
+version's adapter through vLLM's adapter routes instead (``oapl.engine.transport.
+adapter_routes``): the base weights stay, and completions name the adapter.
 
 Per step: ``wait_s`` (the trainer waiting for the batch), ``queue`` (finished batches waiting
 when it asked), the batch's ``generate_s`` / ``score_s`` (off the trainer's path), and per
@@ -48,6 +50,7 @@ import torch
 
 from ..batch import Rollout, ScoredBatch, score_rollouts
 from ..config import Config
+from ..engine.adapter import AdapterWeights
 from ..engine.server_client import Sample, ServerClient, ServerError, ServersSyncClient
 from ..engine.servers import LocalServers
 from ..engine.transport.base import Weights, wire_dtype
@@ -87,8 +90,9 @@ class ServerSource:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts = load_prompts(cfg.data, tokenizer)
         self.reward_fn, self.reward_workers = load_reward(cfg.data)
-        self.local = (LocalServers(model_path, g, cfg.seed, os.path.join(cfg.output_dir, "servers"))
-                      if g.replicas else None)
+        self.lora_rank = cfg.model.lora.engine_rank  # > 0: adapters through the adapter routes
+        self.local = (LocalServers(model_path, g, cfg.seed, os.path.join(cfg.output_dir, "servers"),
+                                   self.lora_rank) if g.replicas else None)
         urls = self.local.urls if self.local is not None else g.servers
         self.servers = [ServerClient(url, g.timeout_s) for url in urls]
         self.next = 0  # the next batch to train
@@ -116,10 +120,17 @@ class ServerSource:
             self.local.wait(g.timeout_s)
         for s in self.servers:
             s.connect()
-        device = (torch.device("cpu") if g.weight_transfer == "gloo"
-                  else torch.device(self.cfg.trainer.device))
-        self.sender = HTTPSender(ServersSyncClient(self.servers), g.weight_transfer,
-                                 g.transfer_address, wire_dtype(g.dtype), device, g.timeout_s)
+        client = ServersSyncClient(self.servers)
+        if self.lora_rank:
+            from ..engine.transport.adapter_routes import AdapterSender
+
+            root = os.path.join(self.cfg.output_dir, "servers", "adapters")
+            self.sender = AdapterSender(client, root, wire_dtype(g.dtype))
+        else:
+            device = (torch.device("cpu") if g.weight_transfer == "gloo"
+                      else torch.device(self.cfg.trainer.device))
+            self.sender = HTTPSender(client, g.weight_transfer, g.transfer_address,
+                                     wire_dtype(g.dtype), device, g.timeout_s)
         self.sender.init()
         self.first = self.next + len(self.pending)
         self.loop = asyncio.new_event_loop()
@@ -135,8 +146,9 @@ class ServerSource:
         total = self.cfg.trainer.steps // k
         return push_needed(version, self.first, total, g.ahead, k, self.cfg.algorithm.sync_every)
 
-    def push(self, weights: Weights, version: int) -> None:
-        """Stage a copy of the weights as ``version``; the servers take it when due."""
+    def push(self, weights: Weights | AdapterWeights, version: int) -> None:
+        """Stage a copy of the weights (with ``model.lora.push: adapter`` the adapter) as
+        ``version``; the servers take it when due."""
         self._raise_failure()
         self.sender.send(version, weights)
         self.pushed_at[version] = time.perf_counter()

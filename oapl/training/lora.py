@@ -198,3 +198,28 @@ def frozen_adapter(policy, weights=None) -> FrozenAdapter:
             raise ValueError("with model.lora the frozen lag policy is the base plus an adapter: "
                              f"weights that differ from the base model's ({name}) cannot be frozen")
     return FrozenAdapter(policy, None)
+
+
+BASE_KEY = "base"  # frozen_state's one (empty) tensor of a copy that is the base itself
+
+
+def frozen_state(lag: FrozenAdapter) -> dict[str, torch.Tensor]:
+    """``lag``'s frozen adapter as CPU tensors (``adapter_weights``' names) for a checkpoint;
+    the base itself (no adapter): one empty tensor under ``BASE_KEY``."""
+    if lag.tensors is None:
+        return {BASE_KEY: torch.zeros(0)}
+    return {k: t.detach().cpu().contiguous() for k, t in lag.tensors.items()}
+
+
+def frozen_from_state(policy, tensors: dict[str, torch.Tensor]) -> FrozenAdapter:
+    """The ``FrozenAdapter`` of ``policy`` that ``frozen_state`` wrote (tensors moved to the
+    policy's device; every adapter tensor the model has must be there)."""
+    if set(tensors) == {BASE_KEY}:
+        return FrozenAdapter(policy, None)
+    names = set(_adapter_params(policy.model))
+    if set(tensors) != names:
+        raise ValueError("a saved frozen adapter does not match the model's adapter: missing "
+                         f"{sorted(names - set(tensors))[:3]}, unexpected "
+                         f"{sorted(set(tensors) - names)[:3]}")
+    device = policy.lm_head_weight.device
+    return FrozenAdapter(policy, {k: t.to(device) for k, t in tensors.items()})

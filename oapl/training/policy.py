@@ -98,9 +98,9 @@ class Policy(torch.nn.Module):
             yield name, p.detach()
 
     def push_weights(self) -> Iterator[tuple[str, torch.Tensor]] | AdapterWeights:
-        """What the engine takes: the adapter with LoRA (``AdapterWeights``, live tensors),
-        else ``named_weights``."""
-        if self.lora is not None:
+        """What the engine takes: the adapter with LoRA (``AdapterWeights``, live tensors)
+        unless ``model.lora.push`` is ``merged``, else ``named_weights``."""
+        if self.lora is not None and self.lora.push == "adapter":
             from .lora import adapter_weights
 
             return adapter_weights(self.model)
@@ -152,4 +152,6 @@ class Policy(torch.nn.Module):
             state = {name: t.cpu() for name, t in self.named_weights()}
             self.model.get_base_model().save_pretrained(directory, state_dict=state)
         else:
-            self.push_weights().save(directory)
+            from .lora import adapter_weights
+
+            adapter_weights(self.model).save(directory)

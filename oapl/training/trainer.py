@@ -121,6 +121,7 @@ class LocalTrainer:
             return
         if self.policy.lora is not None:  # the same base with a frozen copy of the adapter
             self.lag_policies[version] = self.policy.frozen_copy(weights)
+            self.fresh_version = version if weights is None else None
             return
         lag = self.lag_policies.pop(version, None)
         if lag is None:
@@ -321,8 +322,11 @@ class LocalTrainer:
         return self.policy.named_weights()
 
     def push_weights(self):
-        # Without LoRA through named_weights, which a subclass may override (FSDP gathers).
-        return self.policy.push_weights() if self.policy.lora is not None else self.named_weights()
+        # Full weights (merged with LoRA) through named_weights, which a subclass may
+        # override (FSDP gathers).
+        lora = self.policy.lora
+        return self.policy.push_weights() if lora is not None and lora.push == "adapter" \
+            else self.named_weights()
 
     def save_pretrained(self, directory: str) -> None:
         """The model (with LoRA: the adapter, or merged with ``output.merge_lora``)."""
@@ -344,15 +348,21 @@ class LocalTrainer:
 
     def save_lag_policies(self, directory: str) -> None:
         """Write the frozen copies a resumed run still needs into ``directory``
-        (``LAG_POLICIES_FILE``, tensors named ``<version>/<HF name>``; no file when there are
+        (``LAG_POLICIES_FILE``, tensors named ``<version>/<HF name>``, with LoRA
+        ``<version>/<adapter tensor name>``: the frozen adapters only; no file when there are
         none): all but the one equal to the current weights (the resumed run's first push
         freezes that again). With the engine ahead, the batches a checkpoint carries were
-        sampled by such older versions. LoRA's frozen adapters are not written."""
+        sampled by such older versions."""
         if self.policy.lora is not None:
-            return
-        tensors = {f"{v}/{name}": p.detach().cpu().contiguous()
-                   for v, lag in self.lag_policies.items() if v != self.fresh_version
-                   for name, p in lag.model.named_parameters()}
+            from .lora import frozen_state
+
+            named = {v: frozen_state(lag).items() for v, lag in self.lag_policies.items()}
+        else:
+            named = {v: ((name, p.detach().cpu().contiguous())
+                         for name, p in lag.model.named_parameters())
+                     for v, lag in self.lag_policies.items()}
+        tensors = {f"{v}/{name}": t for v, pairs in named.items() if v != self.fresh_version
+                   for name, t in pairs}
         path = os.path.join(directory, LAG_POLICIES_FILE)
         if tensors:
             safetensors.torch.save_file(tensors, path)
@@ -371,4 +381,9 @@ class LocalTrainer:
             version, name = key.split("/", 1)
             by_version.setdefault(int(version), []).append((name, tensor))
         for version, named in sorted(by_version.items()):
-            self.freeze_lag_policy(version, named)
+            if self.policy.lora is not None:
+                from .lora import frozen_from_state
+
+                self.lag_policies[version] = frozen_from_state(self.policy, dict(named))
+            else:
+                self.freeze_lag_policy(version, named)
