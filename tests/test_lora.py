@@ -291,28 +291,42 @@ def test_lora_ahead_with_recompute(tmp_path):
     assert {r["push_bytes"] for r in records} <= {0, ADAPTER_BYTES}
 
 
+AHEAD_RECOMPUTE = ["generation.ahead=1", "algorithm.lag_logprobs=recompute",
+                   "trainer.num_threads=1", "generation.num_threads=1"]
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_lora_sigkill_then_resume(tmp_path, lora_engine):
+@pytest.mark.parametrize("mode", ["inline", "ahead_recompute"])
+def test_lora_sigkill_then_resume(tmp_path, mode, request):
     """A LoRA run killed with SIGKILL after its first checkpoints resumes from the adapter and
     optimizer state and continues exactly: the same versions, rewards and losses as a run that
-    was never interrupted."""
+    was never interrupted. With the engine ahead and log pi_lag recomputed, the checkpoint's
+    batches were sampled by older adapters, whose frozen copies it holds."""
     from oapl.loop import train
     from oapl.metrics import read_metrics
 
+    extra = AHEAD_RECOMPUTE if mode == "ahead_recompute" else []
+    engine = request.getfixturevalue("lora_engine") if mode == "inline" else None
     killed = tmp_path / "killed"
-    last_ckpt, written = kill_after_steps(TINY, killed, ["trainer.steps=1000", *SMALL],
+    last_ckpt, written = kill_after_steps(TINY, killed, ["trainer.steps=1000", *SMALL, *extra],
                                           timeout=300)
     metrics = killed / "metrics.jsonl"
     assert last_ckpt >= 4 and written >= last_ckpt
     steps = written + 2 + written % 2
 
-    def cfg(out, *extra):
-        return load_config(TINY, [f"output_dir={out}", f"trainer.steps={steps}", *SMALL, *extra])
+    def cfg(out, *more):
+        return load_config(TINY, [f"output_dir={out}", f"trainer.steps={steps}", *SMALL, *extra,
+                                  *more])
 
-    train(cfg(killed, "resume=true"), generator=lora_engine)
+    if mode == "ahead_recompute":  # older adapters' frozen copies in the last checkpoint
+        from oapl.training.checkpoint import list_checkpoints
+
+        ckpt = list_checkpoints(str(killed / "checkpoints"))[-1]
+        assert os.path.isfile(os.path.join(ckpt, "lag_policies.safetensors")), os.listdir(ckpt)
+    train(cfg(killed, "resume=true"), generator=engine)
     resumed = read_metrics(str(metrics))
-    train(cfg(tmp_path / "straight"), generator=lora_engine)
+    train(cfg(tmp_path / "straight"), generator=engine)
     expect = read_metrics(str(tmp_path / "straight" / "metrics.jsonl"))
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for key in ("version", "reward_mean"):
@@ -411,3 +425,113 @@ def test_servers_serve_adapters(tmp_path, tiny_model_dir):
         assert torch.equal(loaded[k], t.to(torch.bfloat16))
     with pytest.raises(TypeError, match="LoRA adapters only"):
         sender.send(4, policy.named_weights())
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_server_samples_with_the_adapter_it_loads(tmp_path, tiny_model_dir):
+    """A local vLLM server started for LoRA loads each pushed adapter through its adapter
+    routes (AdapterSender) and samples with it: its log-probs are the trainer's (base +
+    adapter), not the base's; the next version replaces it."""
+    import asyncio
+
+    import aiohttp
+
+    from conftest_loop import ENGINE_CFG
+    from oapl.engine.server_client import Sample, ServerClient, ServersSyncClient
+    from oapl.engine.servers import LocalServers
+    from oapl.engine.transport.adapter_routes import AdapterSender
+
+    g = replace(ENGINE_CFG, dtype="float32", timeout_s=300, replicas=1, weight_transfer="gloo")
+    servers = LocalServers(tiny_model_dir, g, 0, str(tmp_path / "servers"), lora_rank=4)
+    try:
+        servers.wait(600)
+        client = ServerClient(servers.urls[0], 300)
+        client.connect()
+        sender = AdapterSender(ServersSyncClient([client]), str(tmp_path / "adapters"), None)
+        sender.init()
+        policy = _lora_policy(tiny_model_dir)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        samples = [Sample(i, (1, 14, a, b, 15), 100 + i)
+                   for i, (a, b) in enumerate([(4, 9), (11, 5), (7, 7), (6, 12)])]
+
+        async def sample(version):
+            async with aiohttp.ClientSession() as session:
+                return await client.sample(session, samples, g, version)
+
+        for version, seed in [(0, 2), (2, 3)]:
+            _perturb_b(policy.model, seed=seed)
+            sender.send(version, policy.push_weights())
+            sender.deliver(version)
+            rollouts = asyncio.run(sample(version))
+            engine_lp = torch.tensor([lp for r in rollouts for lp in r.logprobs])
+            assert (engine_lp - _policy_logprobs(policy.model, rollouts)).abs().max() < 1e-3
+            assert (engine_lp - _policy_logprobs(base, rollouts)).abs().mean() > 0.05
+            served = {m["id"] for m in client.get("v1/models")["data"]}
+            assert served == {client.model, f"oapl-v{version}"}
+        sender.close()
+    finally:
+        servers.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_loop_on_a_local_server(tmp_path):
+    """The loop with LoRA sampling on a local vLLM server (generation.replicas=1, the engine one
+    batch ahead): each push the schedule needs is the adapter (push_bytes = its fp32 bytes),
+    loaded through the adapter routes, and log pi_lag recomputed with the frozen adapters
+    equals the server's."""
+    from oapl.loop import train
+    from oapl.metrics import read_metrics
+
+    out = tmp_path / "served"
+    cfg = load_config(TINY, [f"output_dir={out}", "trainer.steps=6", *SMALL,
+                             "generation.replicas=1", "generation.weight_transfer=gloo",
+                             *AHEAD_RECOMPUTE])
+    train(cfg)
+    records = read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert max(r["lag"] for r in records) > 1
+    assert all(r["sampler_mismatch_mean"] < 1e-3 for r in records)
+    # The schedule (3 batches, one ahead) needs versions 0 (at the start) and 2 only.
+    assert [r["push_bytes"] for r in records] == [0, ADAPTER_BYTES, 0, 0, 0, 0]
+    assert os.listdir(out / "servers" / "adapters") == ["v2"]  # the last version served
+
+
+MERGED_IN_VLLM = """
+import json, sys
+from dataclasses import replace
+sys.path.insert(0, sys.argv[2])
+from conftest_loop import ENGINE_CFG
+from oapl.engine.generator import VLLMGenerator
+gen = VLLMGenerator(sys.argv[1], replace(ENGINE_CFG, dtype="float32"), seed=0)
+groups = gen.generate(json.loads(sys.argv[3]), [0, 1, 2], ENGINE_CFG, seed=5)
+print(json.dumps([[r.completion_ids, r.logprobs] for g in groups for r in g]))
+gen.close()
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_merged_export_loads_in_vllm(tmp_path, tiny_model_dir):
+    """output.merge_lora's model (Policy.save_pretrained(merge_lora=True)) is a plain model vLLM
+    loads (in a fresh process): its log-probs are the trainer's base + adapter."""
+    import json
+    import subprocess
+    import sys
+
+    policy = _lora_policy(tiny_model_dir)
+    _perturb_b(policy.model)
+    out = str(tmp_path / "merged")
+    policy.save_pretrained(out, merge_lora=True)
+    prompts = [[1, 14, a, b, 15] for a, b in [(4, 9), (11, 5), (7, 7)]]
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", MERGED_IN_VLLM, out, os.path.join(ROOT, "tests"),
+                           json.dumps(prompts)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rollouts = [Rollout(i // 4, prompts[i // 4], ids, lps, "stop", 0)
+                for i, (ids, lps) in enumerate(rows)]
+    engine_lp = torch.tensor([lp for _, lps in rows for lp in lps])
+    assert len(rows) == 12 and (engine_lp - _policy_logprobs(policy.model, rollouts)).abs().max() < 1e-3
