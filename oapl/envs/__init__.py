@@ -37,7 +37,13 @@ def _ask() -> type:
     return AskEnv
 
 
-ENVS: dict[str, Callable[[], type]] = {"ask": _ask}
+def _python() -> type:
+    from .python_tool import PythonToolEnv
+
+    return PythonToolEnv
+
+
+ENVS: dict[str, Callable[[], type]] = {"ask": _ask, "python": _python}
 
 
 def env_class(name: str) -> type:

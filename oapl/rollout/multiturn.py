@@ -206,6 +206,7 @@ def run_episodes(generator, env_cls: type, cfg: EnvConfig, prompts: Sequence[Pro
     n = len(convs)
     metrics = {**{k: float(v) for k, v in counts.items()},
                "turns_mean": sum(c.turns for c in convs) / n,
+               "multi_turn_frac": sum(c.turns > 1 for c in convs) / n,
                "model_tokens_mean": sum(r.num_model_tokens for r in rollouts) / n,
                "env_tokens_mean": sum(len(r.completion_ids) - r.num_model_tokens
                                       for r in rollouts) / n,
