@@ -65,7 +65,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     result = evaluate(load_config(args.config, args.overrides), args.model or ())
     print(result["table"])
-    print(json.dumps({"outputs": result["outputs"], "plot": result["plot"]}))
+    print(json.dumps({"outputs": result["outputs"], "plot": result["plot"],
+                      "multi_turn_frac": result["multi_turn_frac"]}))
 
 
 def _plot(args: argparse.Namespace) -> None:

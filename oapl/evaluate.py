@@ -2,11 +2,13 @@
 
 Each model (``tiny``, a HF directory, a run's ``final_model``, or a checkpoint ``step_<N>``)
 samples ``generation.n`` completions of every prompt of ``data`` (after ``data.limit``); the
-task's reward scores them, and a sample is ``correct`` when its reward is 1. Outputs, in
+task's reward scores them (with ``env.name``: multi-turn rollouts, the environment scores
+them), and a sample is ``correct`` when its reward is 1. Outputs, in
 ``output_dir`` for one model, in ``output_dir/<label>/`` for each of several:
 
 - ``samples.jsonl``: one line per sample (``prompt_id``, ``sample``, ``prompt``, ``answer``,
-  ``completion``, ``reward``, ``correct`` 0/1, ``finish_reason``, ``num_tokens``, ``model``);
+  ``completion``, ``reward``, ``correct`` 0/1, ``finish_reason``, ``num_tokens``, ``model``,
+  ``model_turns``, ``status``);
 - ``pass_at_k.csv``: ``k,pass_at_k`` for k = 1..n, the unbiased estimator
   1 - C(n - c, k) / C(n, k) (c correct samples of n) averaged over prompts;
 
@@ -33,8 +35,11 @@ from .batch import score_rollouts
 from .config import Config
 from .engine.generator import Generator, VLLMGenerator, sample_groups
 from .engine.transport import wire_dtype
+from .envs import env_class
 from .model_dir import model_dir, push_model
 from .prompts import load_prompts, sampling_seed
+from .rollout.multiturn import run_episodes
+from .rollout.turns import TurnFormat
 from .run import EVAL_SEED_OFFSET, set_threads
 from .tasks import load_reward
 
@@ -117,6 +122,24 @@ def format_table(curves: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
+def sample_episodes(generator: Generator, cfg: Config, prompts, fmt: TurnFormat, seed: int,
+                    desc: str) -> tuple[list, list[float]]:
+    """Multi-turn rollouts (``cfg.env``) of every prompt and their rewards, in group order,
+    ``data.prompts_per_step`` prompts per batch; batch ``start`` samples with seed ``seed +
+    start * n`` (so turn 1 draws what ``sample_groups`` draws)."""
+    from tqdm import tqdm
+
+    env_cls, chunk = env_class(cfg.env.name), cfg.data.prompts_per_step
+    rollouts, rewards = [], []
+    for start in tqdm(range(0, len(prompts), chunk), desc=desc, unit="batch"):
+        ep = run_episodes(generator, env_cls, cfg.env, prompts[start:start + chunk],
+                          cfg.generation, seed + start * cfg.generation.n, fmt,
+                          cfg.generation.max_model_len)
+        rollouts += ep.rollouts
+        rewards += ep.rewards
+    return rollouts, rewards
+
+
 def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | None = None) -> dict:
     """Evaluate ``models`` (default: ``cfg.model.path``) as described above; return
     ``{"outputs": {label: dir}, "pass_at_k": {label: [pass@1, ..., pass@n]}, "plot", "table"}``.
@@ -133,26 +156,35 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
     own = generator is None
     if own:
         generator = VLLMGenerator(dirs[0], cfg.generation, seed=cfg.seed)
-    curves, outputs = {}, {}
+    curves, outputs, multi_turn = {}, {}, {}
     try:
         for i, (label, path) in enumerate(zip(labels, dirs)):
             if not (own and i == 0):
                 push_model(generator, path, 0, wire_dtype(cfg.generation.dtype))
-            rollouts = sample_groups(generator, prompts, cfg.generation, seed,
-                                     cfg.data.prompts_per_step, f"oapl eval {label}")
-            records = [prompts[r.prompt_index].record for r in rollouts]
-            texts, rewards, _ = score_rollouts(reward_fn, tok, rollouts, records,
-                                               reward_workers)
+            if cfg.env.name:  # multi-turn: the environment scores each rollout
+                rollouts, rewards = sample_episodes(generator, cfg, prompts, TurnFormat(tok),
+                                                    seed, f"oapl eval {label}")
+                records = [prompts[r.prompt_index].record for r in rollouts]
+                texts = [tok.decode(r.completion_ids, skip_special_tokens=True)
+                         for r in rollouts]
+            else:
+                rollouts = sample_groups(generator, prompts, cfg.generation, seed,
+                                         cfg.data.prompts_per_step, f"oapl eval {label}")
+                records = [prompts[r.prompt_index].record for r in rollouts]
+                texts, rewards, _ = score_rollouts(reward_fn, tok, rollouts, records,
+                                                   reward_workers)
             samples = [
                 {"model": label, "prompt_id": r.prompt_index, "sample": j % n,
                  "prompt": rec["prompt"], "answer": rec.get("answer"), "completion": text,
                  "reward": reward, "correct": int(reward >= 1.0),
-                 "finish_reason": r.finish_reason, "num_tokens": len(r.completion_ids)}
+                 "finish_reason": r.finish_reason, "num_tokens": len(r.completion_ids),
+                 "model_turns": len(r.segments or [None]), "status": r.status}
                 for j, (r, rec, text, reward) in enumerate(zip(rollouts, records, texts, rewards))
             ]
             correct = [sum(s["correct"] for s in samples[g : g + n])
                        for g in range(0, len(samples), n)]
             curves[label] = pass_at_k_curve(correct, n)
+            multi_turn[label] = sum(s["model_turns"] > 1 for s in samples) / len(samples)
             outputs[label] = cfg.output_dir if len(paths) == 1 else os.path.join(
                 cfg.output_dir, label)
             _write(outputs[label], samples, curves[label])
@@ -160,4 +192,5 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
         if own:
             generator.close()
     png = plot_pass_at_k(curves, os.path.join(cfg.output_dir, "pass_at_k.png"))
-    return {"outputs": outputs, "pass_at_k": curves, "plot": png, "table": format_table(curves)}
+    return {"outputs": outputs, "pass_at_k": curves, "plot": png, "table": format_table(curves),
+            "multi_turn_frac": multi_turn}
