@@ -66,6 +66,9 @@ TASKS = {
     "max": {"config": CONFIG, "overrides": [], "chance": 0.1},
     "cmp": {"config": _BITS, "overrides": ["data.source=toy:cmp"], "chance": 1 / 64},
     "thr": {"config": _BITS, "overrides": ["data.source=toy:thr"], "chance": 1 / 64},
+    # multi-turn: toy:ask with the ask environment (examples/tiny-multiturn.yaml)
+    "ask": {"config": os.path.join(REPO, "examples", "tiny-multiturn.yaml"), "overrides": [],
+            "chance": 0.1},
 }
 
 FINAL_WINDOW = 20  # final reward = mean reward_mean over the last 20 steps
@@ -184,6 +187,13 @@ def policy_reward(model_dir: str, temperature: float = 1.0, task: str = "max") -
     independent of the sampler's lag: under lag the training reward measures the stale
     engine's weights (at L >= steps, the initial policy's), not the trained ones."""
     with _eval_lock:  # one at a time; imports from several threads at once race
+        if task == "ask":
+            import torch
+
+            from oapl.tasks.ask import exact_reward as ask_reward
+
+            torch.set_num_threads(1)
+            return ask_reward(model_dir, temperature=temperature)
         if task != "max":
             import torch
 
@@ -623,6 +633,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, help="override the plan's steps")
     p.add_argument("--lr", type=float, help="override the lr of every run (trials; use a fresh --out: run names omit it)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (e.g. a smaller data.prompts_per_step)")
     p.add_argument("--lags", type=int, nargs="+", help="override the plan's lags (no extras)")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                    help="override the plan's methods (no extras)")
@@ -635,6 +647,7 @@ def main(argv: list[str] | None = None) -> dict:
         plan["steps"] = args.steps
     if args.lr:
         plan["common"] = [f"trainer.lr={args.lr}"]
+    plan["common"] = [*plan["common"], *args.set]
     if args.lags:
         plan["core_lags"], plan["extra_lags"] = args.lags, []
     if args.methods:
