@@ -35,10 +35,9 @@ from .batch import score_rollouts
 from .config import Config
 from .engine.generator import Generator, VLLMGenerator, sample_groups
 from .engine.transport import wire_dtype
-from .envs import env_class
 from .model_dir import model_dir, push_model
 from .prompts import load_prompts, sampling_seed
-from .rollout.multiturn import run_episodes
+from .rollout.multiturn import sample_episodes
 from .rollout.turns import TurnFormat
 from .run import EVAL_SEED_OFFSET, set_threads
 from .tasks import load_reward
@@ -122,24 +121,6 @@ def format_table(curves: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def sample_episodes(generator: Generator, cfg: Config, prompts, fmt: TurnFormat, seed: int,
-                    desc: str) -> tuple[list, list[float]]:
-    """Multi-turn rollouts (``cfg.env``) of every prompt and their rewards, in group order,
-    ``data.prompts_per_step`` prompts per batch; batch ``start`` samples with seed ``seed +
-    start * n`` (so turn 1 draws what ``sample_groups`` draws)."""
-    from tqdm import tqdm
-
-    env_cls, chunk = env_class(cfg.env.name), cfg.data.prompts_per_step
-    rollouts, rewards = [], []
-    for start in tqdm(range(0, len(prompts), chunk), desc=desc, unit="batch"):
-        ep = run_episodes(generator, env_cls, cfg.env, prompts[start:start + chunk],
-                          cfg.generation, seed + start * cfg.generation.n, fmt,
-                          cfg.generation.max_model_len)
-        rollouts += ep.rollouts
-        rewards += ep.rewards
-    return rollouts, rewards
-
-
 def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | None = None) -> dict:
     """Evaluate ``models`` (default: ``cfg.model.path``) as described above; return
     ``{"outputs": {label: dir}, "pass_at_k": {label: [pass@1, ..., pass@n]}, "plot", "table"}``.
@@ -162,8 +143,9 @@ def evaluate(cfg: Config, models: Sequence[str] = (), generator: Generator | Non
             if not (own and i == 0):
                 push_model(generator, path, 0, wire_dtype(cfg.generation.dtype))
             if cfg.env.name:  # multi-turn: the environment scores each rollout
-                rollouts, rewards = sample_episodes(generator, cfg, prompts, TurnFormat(tok),
-                                                    seed, f"oapl eval {label}")
+                rollouts, rewards, _ = sample_episodes(
+                    generator, cfg.env, prompts, cfg.generation, seed, TurnFormat(tok),
+                    cfg.data.prompts_per_step, f"oapl eval {label}")
                 records = [prompts[r.prompt_index].record for r in rollouts]
                 texts = [tok.decode(r.completion_ids, skip_special_tokens=True)
                          for r in rollouts]

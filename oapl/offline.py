@@ -29,6 +29,8 @@ from .engine.transport import wire_dtype
 from .loop import train
 from .model_dir import checkpoint_step, is_checkpoint, model_dir, push_model
 from .prompts import load_prompts, sampling_seed
+from .rollout.multiturn import sample_episodes
+from .rollout.turns import TurnFormat
 from .run import set_threads
 from .sources.rollout_file import write_rollouts
 from .tasks import load_reward
@@ -60,14 +62,22 @@ def generate_rollouts(
         push_model(generator, path, version, wire_dtype(cfg.generation.dtype))
     try:
         seed = sampling_seed(cfg.seed, round_no * len(prompts) * n)
-        rollouts = sample_groups(generator, prompts, cfg.generation, seed,
-                                 cfg.data.prompts_per_step, "oapl generate")
+        if cfg.env.name:  # multi-turn: the environment scores each rollout
+            rollouts, rewards, failed = sample_episodes(
+                generator, cfg.env, prompts, cfg.generation, seed, TurnFormat(tok),
+                cfg.data.prompts_per_step, "oapl generate")
+        else:
+            rollouts = sample_groups(generator, prompts, cfg.generation, seed,
+                                     cfg.data.prompts_per_step, "oapl generate")
     finally:
         if own:
             generator.close()
     records = [prompts[r.prompt_index].record for r in rollouts]
-    texts, rewards, failed = score_rollouts(reward_fn, tok, rollouts, records,
-                                            reward_workers)
+    if cfg.env.name:
+        texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+    else:
+        texts, rewards, failed = score_rollouts(reward_fn, tok, rollouts, records,
+                                                reward_workers)
     values = optimal_values(torch.tensor(rewards, dtype=torch.float64), group_size=n,
                             beta1=cfg.algorithm.beta1)
     rows = [
@@ -78,6 +88,8 @@ def generate_rollouts(
             "finish_reason": r.finish_reason, "reward": rewards[i],
             "value": float(values[i // n]), "version": version,
             "temperature": cfg.generation.temperature, "beta1": cfg.algorithm.beta1,
+            **({} if r.segments is None else {
+                "segments": [[a, b, version] for a, b, _ in r.segments], "status": r.status}),
         }
         for i, r in enumerate(rollouts)
     ]

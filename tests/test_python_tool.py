@@ -1,6 +1,8 @@
 """The python tool environment: scripted SmolLM2 conversations through the driver and the
 real sandbox (exact ids, tool messages, scoring), and tools that fail, hang or flood."""
 
+import json
+
 import pytest
 
 from oapl.batch import Rollout
@@ -25,6 +27,9 @@ class Scripted:
 
     def __init__(self, tok, script):
         self.tok, self.script, self.calls = tok, script, 0
+
+    def load_weights(self, named_tensors, version):
+        self.version = version
 
     def generate(self, prompts, prompt_indices, sampling, seed, seeds=None):
         self.calls += 1
@@ -136,3 +141,49 @@ def test_failing_hung_and_flooding_tools(tok):
     cfg = EnvConfig(max_turns=3, step_timeout_s=4, gather_s=0.2)
     ep, _ = _run(tok, problems[:1], hang, cfg, timeout_s=20.0)
     assert ep.rollouts[0].status == "failed" and ep.metrics["env_failures"] == 1
+
+
+def test_sample_episodes_in_chunks(tok):
+    """`oapl eval` / `oapl generate` with env.name: every prompt's rollout, in order, chunk
+    by chunk, scored by the environment."""
+    from oapl.rollout.multiturn import sample_episodes
+
+    cfg = EnvConfig(name="python", max_turns=3, gather_s=0.2)
+    sampling = GenerationConfig(n=1, max_tokens=64, max_model_len=1024)
+    problems = [("3 + 4?", "7"), ("5 * 6?", "30"), ("9 - 2?", "1")]
+    script = {0: ["\\boxed{7}"], 1: ["```python\n5 * 6\n```", "\\boxed{30}"],
+              2: ["```python\n9 - 2\n```", "\\boxed{7}"]}
+    prompts = []
+    for i, (q, a) in enumerate(problems):
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prompts.append(Prompt(i, ids, {"prompt": q, "answer": a}))
+    gen = Scripted(tok, script)
+    rollouts, rewards, failed = sample_episodes(gen, cfg, prompts, sampling, 0, TurnFormat(tok),
+                                                chunk=2, desc="t")
+    assert [r.prompt_index for r in rollouts] == [0, 1, 2] and rewards == [1.0, 1.0, 0.0]
+    assert failed == [False] * 3 and gen.calls == 4  # two turns in each of two batches
+    assert [len(r.segments) for r in rollouts] == [1, 2, 2]
+
+
+def test_generate_writes_multiturn_rollout_files(tok, tmp_path):
+    """`oapl generate` with env.name: a version-2 file whose rows carry the model's segments
+    (at the recorded version), the status and the environment's reward; it reads back."""
+    from oapl.config import load_config
+    from oapl.offline import generate_rollouts
+    from oapl.sources.rollout_file import read_rollouts
+
+    cfg = load_config("examples/smollm2-tool-cpu.yaml",
+                      ["data.limit=2", "generation.n=2", "data.prompts_per_step=2",
+                       f"output_dir={tmp_path}", "env.gather_s=0.2"])
+    script = {i: ["```python\n1 + 1\n```", "\\boxed{2}"] for i in range(2)}
+    path = str(tmp_path / "r.jsonl")
+    summary = generate_rollouts(cfg, path, Scripted(tok, script), version=3)
+    assert summary["rows"] == 4 and summary["reward_errors"] == 0
+    rows = [json.loads(line) for line in open(path)]
+    assert {r["file_version"] for r in rows} == {2} and {r["status"] for r in rows} == {"done"}
+    assert all(len(r["segments"]) == 2 and r["segments"][0][2] == 3 for r in rows)
+    got = read_rollouts(path, group_size=2)
+    assert [r.segments for r in got.rollouts] == [[tuple(x) for x in r["segments"]]
+                                                  for r in rows]

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from ..batch import Rollout
 from ..config import EnvConfig, GenerationConfig
-from ..envs import Message, Step
+from ..envs import Message, Step, env_class
 from ..prompts import Prompt
 from .pool import StepPool
 from .turns import TurnFormat
@@ -212,3 +212,24 @@ def run_episodes(generator, env_cls: type, cfg: EnvConfig, prompts: Sequence[Pro
                                       for r in rollouts) / n,
                "generate_s": generate_s, "env_s": env_s}
     return Episodes(rollouts, [c.reward for c in convs], failed, metrics)
+
+
+def sample_episodes(generator, cfg: EnvConfig, prompts: Sequence[Prompt],
+                    sampling: GenerationConfig, seed: int, fmt: TurnFormat, chunk: int,
+                    desc: str) -> tuple[list[Rollout], list[float], list[bool]]:
+    """Multi-turn rollouts of every prompt with the environment ``cfg.name`` (rollouts,
+    rewards, failed; group order), ``chunk`` prompts per ``run_episodes`` batch, with a
+    progress bar; the batch from prompt ``start`` samples with seed ``seed + start *
+    sampling.n`` (its turn 1 draws what ``sample_groups`` draws). For ``oapl eval`` and
+    ``oapl generate``."""
+    from tqdm import tqdm
+
+    env_cls = env_class(cfg.name)
+    rollouts, rewards, failed = [], [], []
+    for start in tqdm(range(0, len(prompts), chunk), desc=desc, unit="batch"):
+        ep = run_episodes(generator, env_cls, cfg, prompts[start:start + chunk], sampling,
+                          seed + start * sampling.n, fmt, sampling.max_model_len)
+        rollouts += ep.rollouts
+        rewards += ep.rewards
+        failed += ep.failed
+    return rollouts, rewards, failed
