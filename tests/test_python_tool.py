@@ -56,14 +56,20 @@ def tok():
     return AutoTokenizer.from_pretrained(path)
 
 
-def _run(tok, problems, script, cfg, **kwargs):
-    """run_episodes of ``problems`` ((question, answer) pairs) with the scripted model."""
+def _prompts(tok, problems):
+    """Prompts of ``problems`` ((question, answer) pairs) in the chat template."""
     prompts = []
     for i, (question, answer) in enumerate(problems):
         text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                        add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompts.append(Prompt(i, ids, {"prompt": question, "answer": answer}))
+    return prompts
+
+
+def _run(tok, problems, script, cfg, **kwargs):
+    """run_episodes of ``problems`` with the scripted model."""
+    prompts = _prompts(tok, problems)
     cls = type("Env", (PythonToolEnv,), {"__init__": lambda self: PythonToolEnv.__init__(
         self, **kwargs)})
     gen = Scripted(tok, script)
@@ -153,14 +159,8 @@ def test_sample_episodes_in_chunks(tok):
     problems = [("3 + 4?", "7"), ("5 * 6?", "30"), ("9 - 2?", "1")]
     script = {0: ["\\boxed{7}"], 1: ["```python\n5 * 6\n```", "\\boxed{30}"],
               2: ["```python\n9 - 2\n```", "\\boxed{7}"]}
-    prompts = []
-    for i, (q, a) in enumerate(problems):
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        prompts.append(Prompt(i, ids, {"prompt": q, "answer": a}))
     gen = Scripted(tok, script)
-    rollouts, rewards, failed = sample_episodes(gen, cfg, prompts, sampling, 0, TurnFormat(tok),
+    rollouts, rewards, failed = sample_episodes(gen, cfg, _prompts(tok, problems), sampling, 0, TurnFormat(tok),
                                                 chunk=2, desc="t")
     assert [r.prompt_index for r in rollouts] == [0, 1, 2] and rewards == [1.0, 1.0, 0.0]
     assert failed == [False] * 3 and gen.calls == 4  # two turns in each of two batches
