@@ -118,9 +118,9 @@ def test_scripted_conversation_through_the_sandbox(tok):
                          {"role": "assistant", "content": script[row][1]}]
         text = tok.apply_chat_template(messages, tokenize=False)
         assert tok.decode(r.prompt_ids + r.completion_ids) == text.rstrip("\n")
-    # turn 1, then the tool replies back together; the looping cell's (1 CPU-second) may
-    # come after env.gather_s and take its own call
-    assert gen.calls in (2, 3)
+    # turn 1, then one call per set of replies back within env.gather_s of each other (which
+    # ones arrive together depends on the machine): at most one per reply
+    assert 2 <= gen.calls <= 4
 
 
 def test_failing_hung_and_flooding_tools(tok):
