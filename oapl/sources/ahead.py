@@ -39,7 +39,7 @@ from ..engine.messages import Failed, Sampled, Start, Stop
 from ..engine.transport import WeightSender, make_sender
 from ..errors import EngineError
 from .base import ScoredBatch, Weights
-from .schedule import push_needed
+from .schedule import Scheduled
 from .worker import run_worker
 
 # How often the trainer checks that the engine process is alive while it waits.
@@ -54,7 +54,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-class AheadSource:
+class AheadSource(Scheduled):
     """The engine in its own process, ``generation.ahead`` batches ahead of the trainer.
 
     Per step it reports ``wait_s`` (the trainer waiting for the batch: its idle time, counted
@@ -62,8 +62,6 @@ class AheadSource:
     engine's ``engine_busy_frac``, ``engine_queue`` (finished batches waiting when it finished
     this one), and ``generate_s`` / ``score_s`` / ``sync_stall_s`` (off the trainer's critical
     path; a batch's seconds shared out over its minibatch steps)."""
-
-    fixed_sampler = None
 
     def __init__(self, cfg: Config, model_path: str):
         g = cfg.generation
@@ -131,11 +129,6 @@ class AheadSource:
         return dataclasses.replace(s.scored, timings={"wait_s": wait_s},
                                    metrics={**s.scored.metrics, **metrics})
 
-    def needs(self, version: int) -> bool:
-        g, k = self.cfg.generation, self.cfg.trainer.minibatches
-        total = self.cfg.trainer.steps // k
-        return push_needed(version, self.first, total, g.ahead, k, self.cfg.algorithm.sync_every)
-
     def push(self, weights: Weights, version: int) -> None:
         """Hand the weights to the transport as version ``version``."""
         self._check_sender()
@@ -145,22 +138,8 @@ class AheadSource:
         if self.sender is not None:
             self.sender.check()
 
-    def state_dict(self) -> dict:
-        """Waits for the batches already due (sampled with weights older than the trainer's)
-        and returns them with the position after them."""
-        total = self.cfg.trainer.steps // self.cfg.trainer.minibatches
-        due = min(self.next + self.cfg.generation.ahead, total)
-        while self.next + len(self.pending) < due:
-            s = self._receive(self.cfg.generation.timeout_s)
-            self.pending.append(s)
-            self.sampler_state = s.sampler_state
-        return {"next": self.next, "sampler": self.sampler_state, "pending": list(self.pending)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.sender is not None:
-            raise ValueError("load_state_dict must come before start")
-        self.next, self.sampler_state = state["next"], state["sampler"]
-        self.pending = list(state["pending"])
+    def take_due(self) -> Sampled:
+        return self._receive(self.cfg.generation.timeout_s)
 
     def close(self) -> None:
         """Stop the engine process (ask, then terminate, then kill) and the transport; never

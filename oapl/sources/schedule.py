@@ -36,3 +36,39 @@ def lag_bound(ahead: int, minibatches: int, sync_every: int) -> int:
     """The largest lag a step can have, ``(ahead + 1) * k - 1 + L - gcd(k, L)``: the last
     minibatch of a batch whose version trails its start step by the most a multiple of L can."""
     return (ahead + 1) * minibatches - 1 + sync_every - math.gcd(minibatches, sync_every)
+
+
+class Scheduled:
+    """What a source on this schedule shares: ``needs`` and the checkpoint state. A subclass
+    sets ``cfg``, ``next`` (the next batch to train), ``first`` (the first batch it samples),
+    ``pending`` (finished batches taken off the sampler or restored, oldest first; each with
+    its ``sampler_state``, the prompt sampler's position after it), ``sampler_state`` (after
+    the last batch taken or drained) and ``sender`` (None before ``start``), and defines
+    ``take_due()``: the batch after the pending ones, waiting for it."""
+
+    fixed_sampler = None
+
+    def take_due(self):
+        raise NotImplementedError
+
+    def needs(self, version: int) -> bool:
+        g, k = self.cfg.generation, self.cfg.trainer.minibatches
+        total = self.cfg.trainer.steps // k
+        return push_needed(version, self.first, total, g.ahead, k, self.cfg.algorithm.sync_every)
+
+    def state_dict(self) -> dict:
+        """Waits for the batches already due (sampled with weights older than the trainer's)
+        and returns them with the position after them."""
+        total = self.cfg.trainer.steps // self.cfg.trainer.minibatches
+        due = min(self.next + self.cfg.generation.ahead, total)
+        while self.next + len(self.pending) < due:
+            d = self.take_due()
+            self.pending.append(d)
+            self.sampler_state = d.sampler_state
+        return {"next": self.next, "sampler": self.sampler_state, "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sender is not None:
+            raise ValueError("load_state_dict must come before start")
+        self.next, self.sampler_state = state["next"], state["sampler"]
+        self.pending = list(state["pending"])

@@ -26,7 +26,8 @@ when it asked), the batch's ``generate_s`` / ``score_s`` (off the trainer's path
 server ``i``: ``server<i>_sync_stall_s`` (seconds it could not sample because of the update
 before this batch: from when it was free, or the version was pushed if later, to the update's
 end), ``server<i>_busy_frac`` (its share of the wall time since its previous share spent
-sampling); ``sync_stall_s``: their largest; ``rerouted_groups`` (reroute).
+sampling); ``sync_stall_s``: their largest; ``update_s`` (the update before this batch, one
+round of the weight protocol on every server); ``rerouted_groups`` (reroute).
 
 Faults: a server unreachable at start, dying, answering an error or slower than
 ``generation.timeout_s`` raises ``EngineError`` naming its URL and what failed (the run stops,
@@ -57,7 +58,7 @@ from ..engine.transport.base import Weights, wire_dtype
 from ..errors import EngineError
 from ..prompts import PromptSampler, load_prompts, sampling_seed
 from ..tasks import load_reward
-from .schedule import push_needed, sampling_version
+from .schedule import Scheduled, sampling_version
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,9 @@ class _Done:
     sampler_state: dict
 
 
-class ServerSource:
+class ServerSource(Scheduled):
     """The servers of ``cfg.generation`` (local ones are started now, so that they build
     while the trainer loads its model)."""
-
-    fixed_sampler = None
 
     def __init__(self, cfg: Config, model_path: str, tokenizer):
         g = cfg.generation
@@ -141,11 +140,6 @@ class ServerSource:
         self.thread.start()
         ready.wait()
 
-    def needs(self, version: int) -> bool:
-        g, k = self.cfg.generation, self.cfg.trainer.minibatches
-        total = self.cfg.trainer.steps // k
-        return push_needed(version, self.first, total, g.ahead, k, self.cfg.algorithm.sync_every)
-
     def push(self, weights: Weights | AdapterWeights, version: int) -> None:
         """Stage a copy of the weights (with ``model.lora.push: adapter`` the adapter) as
         ``version``; the servers take it when due."""
@@ -182,22 +176,8 @@ class ServerSource:
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.changed.set)
 
-    def state_dict(self) -> dict:
-        """Waits for the batches already due (sampled with weights older than the trainer's)
-        and returns them with the position after them."""
-        total = self.cfg.trainer.steps // self.cfg.trainer.minibatches
-        due = min(self.next + self.cfg.generation.ahead, total)
-        while self.next + len(self.pending) < due:
-            d = self._take(self.next + len(self.pending))
-            self.pending.append(d)
-            self.sampler_state = d.sampler_state
-        return {"next": self.next, "sampler": self.sampler_state, "pending": list(self.pending)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.sender is not None:
-            raise ValueError("load_state_dict must come before start")
-        self.next, self.sampler_state = state["next"], state["sampler"]
-        self.pending = list(state["pending"])
+    def take_due(self) -> _Done:
+        return self._take(self.next + len(self.pending))
 
     def close(self) -> None:
         """Stop sampling, drop the weight group, stop the local servers."""
@@ -248,18 +228,25 @@ class ServerSource:
         self.free_at = [time.perf_counter()] * len(self.servers)  # its last share's end
         self.tails: dict[int, asyncio.Future] = {}  # each server's last share
         held, collected = None, None
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        # One connection per request: a server closes a connection idle for its keep-alive
+        # (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s), and a pooled connection reused just then
+        # fails as if the server had died (seen between batches on a loaded machine).
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
             self.session = session
             for b in range(self.first, total):
                 await self._until(lambda: b <= self.next + max(g.ahead, 1))
                 need = sampling_version(b, g.ahead, k, sync_every)
                 stall = [0.0] * len(self.servers)
+                update_s = 0.0
                 if held != need:
                     await self._until(lambda: self.sender.has(need))
                     await asyncio.gather(*self.tails.values())
                     self._reform_if_needed()
+                    t = time.perf_counter()
                     await loop.run_in_executor(self.sync_pool, self.sender.deliver, need)
                     end = time.perf_counter()
+                    update_s = end - t
                     for s in self.alive:
                         stall[s] = end - max(self.free_at[s], self.pushed_at.get(need, end))
                         self.free_at[s] = end
@@ -275,7 +262,7 @@ class ServerSource:
                     self.tails[s] = task
                     shares.append(task)
                 collected = self._task(self._collect(b, shares, sampler.state_dict(), stall,
-                                                     collected))
+                                                     update_s, collected))
             if collected is not None:
                 await collected
         self.sync_pool.shutdown(wait=False)
@@ -335,7 +322,8 @@ class ServerSource:
         if len(self.alive) < len(self.sender.client.servers):
             self.sender.reform(ServersSyncClient([self.servers[s] for s in self.alive]))
 
-    async def _collect(self, b: int, shares, sampler_state: dict, stall: list[float], prev):
+    async def _collect(self, b: int, shares, sampler_state: dict, stall: list[float],
+                       update_s: float, prev):
         """Batch ``b``'s rollouts in group order, scored (after batch ``b - 1``)."""
         t = time.perf_counter()
         parts = await asyncio.gather(*shares)
@@ -351,7 +339,7 @@ class ServerSource:
         score_s = time.perf_counter() - t
         kk = self.cfg.trainer.minibatches
         metrics = {"generate_s": generate_s / kk, "score_s": score_s / kk,
-                   "sync_stall_s": max(stall) / kk,
+                   "sync_stall_s": max(stall) / kk, "update_s": update_s / kk,
                    "rerouted_groups": float(sum(n for _, _, n in parts))}
         for s in range(len(self.servers)):
             metrics[f"server{s}_sync_stall_s"] = stall[s] / kk
