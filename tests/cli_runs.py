@@ -33,3 +33,23 @@ def kill_after_steps(config: str, out, overrides: list[str], steps: int = 5,
         proc.wait()
     last_ckpt = int(os.path.basename(list_checkpoints(os.path.join(out, "checkpoints"))[-1])[5:])
     return last_ckpt, len(read_metrics(metrics))
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, now."""
+    import psutil
+
+    return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+
+
+def assert_gone(pids: list[int], within: float = 15.0) -> None:
+    """Every one of ``pids`` has exited (zombies count as gone) within ``within`` seconds."""
+    import psutil
+
+    deadline = time.time() + within
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert not alive, f"processes left behind: {alive}"

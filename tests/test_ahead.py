@@ -19,6 +19,8 @@ import psutil
 import pytest
 import torch
 
+from cli_runs import assert_gone, process_tree
+
 from oapl.config import load_config
 from oapl.loop import train
 from oapl.metrics import read_metrics
@@ -91,7 +93,7 @@ def test_hung_engine_is_detected_and_stopped(tmp_path):
     before = {c.pid for c in psutil.Process().children(recursive=True)}
     with pytest.raises(EngineError, match=r"sent no batch for 1 s \(generation.timeout_s\)"):
         train(_cfg(tmp_path / "run", 8, "generation.timeout_s=1"))
-    _assert_gone([c.pid for c in psutil.Process().children(recursive=True)
+    assert_gone([c.pid for c in psutil.Process().children(recursive=True)
                   if c.pid not in before])
 
 
@@ -120,17 +122,7 @@ def _wait_for_steps(proc, out, n, timeout=300):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline, "the run made no progress"
         time.sleep(0.05)
-    return [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-
-
-def _assert_gone(pids, within=15.0):
-    deadline = time.time() + within
-    alive = pids
-    while alive and time.time() < deadline:
-        alive = [p for p in alive if psutil.pid_exists(p)
-                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        time.sleep(0.1)
-    assert not alive, f"processes left behind: {alive}"
+    return process_tree(proc.pid)
 
 
 def test_sigkill_then_resume_continues_identically(tmp_path, straight):
@@ -140,7 +132,7 @@ def test_sigkill_then_resume_continues_identically(tmp_path, straight):
     assert len(pids) >= 2, "the engine runs in a child process"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    _assert_gone(pids)  # the engine dies with the trainer, even on SIGKILL
+    assert_gone(pids)  # the engine dies with the trainer, even on SIGKILL
     train(_cfg(out, 8, "resume=true"))
     resumed = read_metrics(str(out / "metrics.jsonl"))
     assert _values(resumed) == _values(straight)
@@ -162,7 +154,7 @@ def test_engine_killed_gives_one_clear_error(tmp_path):
     assert "Traceback" not in err
     # The engine process is as quiet as the trainer's: no library notices on the console.
     assert not [line for line in err.splitlines() if "Warning" in line or "Triton" in line]
-    _assert_gone(pids)
+    assert_gone(pids)
 
 
 def test_sigterm_ends_both_processes(tmp_path):
@@ -176,7 +168,7 @@ def test_sigterm_ends_both_processes(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and time.time() - t < 15
-    _assert_gone(pids)
+    assert_gone(pids)
 
 
 def test_push_needed_matches_enumeration():
