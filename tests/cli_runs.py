@@ -53,3 +53,15 @@ def assert_gone(pids: list[int], within: float = 15.0) -> None:
                  and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.1)
     assert not alive, f"processes left behind: {alive}"
+
+
+def wait_for_steps(proc, out, n: int, timeout: float = 300) -> list[int]:
+    """Wait until the run ``proc`` (stderr piped, text) has written ``n`` steps to
+    ``out/metrics.jsonl``; return its process tree (pids)."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while not (os.path.exists(metrics) and len(read_metrics(metrics)) >= n):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    return process_tree(proc.pid)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from cli_runs import assert_gone, process_tree
+from cli_runs import assert_gone, wait_for_steps
 
 from oapl.config import load_config
 from oapl.loop import train
@@ -114,21 +114,10 @@ def _start(out, steps, *extra):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(proc, out, n, timeout=300):
-    """Wait until the run has written ``n`` steps; return its process tree (pids)."""
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while not (metrics.exists() and len(read_metrics(str(metrics))) >= n):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "the run made no progress"
-        time.sleep(0.05)
-    return process_tree(proc.pid)
-
-
 def test_sigkill_then_resume_continues_identically(tmp_path, straight):
     out = tmp_path / "killed"
     proc = _start(out, 8)
-    pids = _wait_for_steps(proc, out, 5)
+    pids = wait_for_steps(proc, out, 5)
     assert len(pids) >= 2, "the engine runs in a child process"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -141,7 +130,7 @@ def test_sigkill_then_resume_continues_identically(tmp_path, straight):
 def test_engine_killed_gives_one_clear_error(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, 1000)
-    pids = _wait_for_steps(proc, out, 2)
+    pids = wait_for_steps(proc, out, 2)
     engine = [p for p in pids if "spawn_main" in " ".join(psutil.Process(p).cmdline())]
     assert len(engine) == 1, [psutil.Process(p).cmdline() for p in pids]
     os.kill(engine[0], signal.SIGKILL)
@@ -160,7 +149,7 @@ def test_engine_killed_gives_one_clear_error(tmp_path):
 def test_sigterm_ends_both_processes(tmp_path):
     out = tmp_path / "run"
     proc = _start(out, 1000)
-    pids = _wait_for_steps(proc, out, 2)
+    pids = wait_for_steps(proc, out, 2)
     t = time.time()
     proc.send_signal(signal.SIGTERM)
     try:

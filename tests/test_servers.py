@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 
-from cli_runs import assert_gone, process_tree
+from cli_runs import assert_gone, process_tree, wait_for_steps
 
 from oapl.config import load_config
 from oapl.loop import train
@@ -167,19 +167,10 @@ def _start(out, model, steps, *extra):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(proc, out, n, timeout=START_S):
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while not (metrics.exists() and len(read_metrics(str(metrics))) >= n):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "the run made no progress"
-        time.sleep(0.1)
-
-
 def test_sigkill_then_resume_continues_identically(servers, tiny_model_dir, tmp_path, straight):
     out = tmp_path / "killed"
     proc = _start(out, tiny_model_dir, 8, _on(servers))
-    _wait_for_steps(proc, out, 5)
+    wait_for_steps(proc, out, timeout=START_S, n=5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     train(_cfg(out, tiny_model_dir, 8, _on(servers), "resume=true"))
@@ -196,7 +187,7 @@ def test_replicas_learn_then_one_killed_gives_one_clear_line(tiny_model_dir, tmp
     proc = _start(out, tiny_model_dir, 1000, "generation.replicas=2", "trainer.lr=1e-3",
                   "output.save_every=100", "data.prompts_per_step=32", "generation.n=8",
                   "algorithm.lag_logprobs=sampler")
-    _wait_for_steps(proc, out, 60)
+    wait_for_steps(proc, out, timeout=START_S, n=60)
     rewards = [r["reward_mean"] for r in read_metrics(str(out / "metrics.jsonl"))[:60]]
     assert sum(rewards[-15:]) / 15 > sum(rewards[:15]) / 15 + 0.1, rewards
     pids = process_tree(proc.pid)
@@ -245,7 +236,7 @@ def test_reroute_finishes_when_a_server_dies(servers, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = _start(out, tiny_model_dir, 10, _on(servers), "generation.on_server_failure=reroute",
                   "algorithm.sync_every=10", "output.save_every=10")
-    _wait_for_steps(proc, out, 3)
+    wait_for_steps(proc, out, timeout=START_S, n=3)
     port = servers[1].rsplit(":", 1)[1]
     victim = [c for c in psutil.process_iter(["cmdline"])
               if c.info["cmdline"] and "--port" in c.info["cmdline"]

@@ -133,6 +133,7 @@ class ServerSource(Scheduled):
         self.sender.init()
         self.first = self.next + len(self.pending)
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_quiet_cancelled)
         self.changed = asyncio.Event()
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), name="oapl-servers",
@@ -349,3 +350,12 @@ class ServerSource(Scheduled):
         with self.cond:
             self.done[b] = _Done(b, scored, sampler_state)
             self.cond.notify_all()
+
+
+def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's exception handler: nothing for a gather's ``CancelledError`` that no one
+    retrieved (the tasks cancelled by ``close`` after a failure, which already went to the
+    trainer in one line); asyncio's default for everything else."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
