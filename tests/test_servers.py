@@ -217,8 +217,12 @@ def test_sigkill_of_the_trainer_leaves_no_server(tiny_model_dir, tmp_path):
     deadline = time.time() + START_S
     while True:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        names = [" ".join(psutil.Process(p).cmdline()) for p in process_tree(proc.pid)
-                 if psutil.pid_exists(p)]
+        names = []
+        for p in process_tree(proc.pid):
+            try:
+                names.append(" ".join(psutil.Process(p).cmdline()))
+            except psutil.Error:  # gone, or a zombie, meanwhile
+                pass
         if sum("EngineCore" in n for n in names) == 2:
             break
         assert time.time() < deadline

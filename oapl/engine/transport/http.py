@@ -104,8 +104,10 @@ class HTTPSender:
         except EngineError:
             raise
         except Exception as e:  # noqa: BLE001 - the broadcast's own error, in one line
-            raise EngineError(f"the {self.backend} weight broadcast of version {version} to "
-                              f"the servers failed: {type(e).__name__}: {e}") from None
+            dead = [s.url for s in self.client.servers if not _answers(s.url)]
+            who = f"server {dead[0]} (it does not answer /health): " if dead else ""
+            raise EngineError(f"{who}the {self.backend} weight broadcast of version {version} "
+                              f"to the servers failed: {type(e).__name__}: {e}") from None
         finally:
             self.source.tensors = []
 
@@ -122,3 +124,13 @@ class HTTPSender:
             except Exception:  # noqa: BLE001 - closing after a failure: nothing to report
                 pass
             self.engine = None
+
+
+def _answers(url: str) -> bool:
+    """Whether the server at ``url`` answers ``/health`` within 2 s."""
+    import requests
+
+    try:
+        return requests.get(f"{url}/health", timeout=2).ok
+    except requests.RequestException:
+        return False
