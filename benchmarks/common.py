@@ -341,11 +341,28 @@ def time_interleaved(calls: list, rows: list[dict], rounds: int) -> None:
         row["wall_median_s"] = sorted(row["wall_s"])[len(row["wall_s"]) // 2]
 
 
-def timing_cells(row: dict, base: dict) -> str:
-    """Markdown cells of a :func:`time_interleaved` row with ``peak_bytes``: CPU and wall medians,
-    peak MiB, and the CPU and peak ratios to the row ``base``."""
-    return (f"{row['cpu_median_s']:.2f} | {row['wall_median_s']:.2f} | {row['peak_bytes'] / 2**20:,.1f} | "
-            f"{row['cpu_median_s'] / base['cpu_median_s']:.2f}x | {row['peak_bytes'] / base['peak_bytes']:.2f}x |")
+def measure_cases(calls: list, rows: list[dict], rounds: int) -> None:
+    """Per zero-argument call of ``calls``: one warm-up call, then the peak bytes of one more
+    (:func:`peak_allocated`) as ``peak_bytes`` in its row of ``rows``; then every call timed
+    ``rounds`` times by :func:`time_interleaved`."""
+    for call, row in zip(calls, rows):
+        call()  # warm-up
+        row["peak_bytes"] = peak_allocated(call)[1]
+    time_interleaved(calls, rows, rounds)
+
+
+def timing_table(lead: list[str], align: list[str], base_name: str, lines: list[tuple]) -> str:
+    """A markdown table of :func:`measure_cases` rows: the ``lead`` columns (alignment cells
+    ``align``, e.g. "---:"), then CPU and wall medians, peak MiB, and the CPU and peak ratios to a
+    base row named ``base_name`` in the titles; ``lines`` holds per table row (its lead cells
+    joined by " | ", its measured row, its base row)."""
+    out = ["| " + " | ".join(lead) + " | CPU s (median) | wall s (median) | peak MiB | "
+           f"CPU vs {base_name} | peak vs {base_name} |", "|" + "|".join(align) + "|---:|---:|---:|---:|---:|"]
+    for cells, row, base in lines:
+        out.append(f"| {cells} | {row['cpu_median_s']:.2f} | {row['wall_median_s']:.2f} | "
+                   f"{row['peak_bytes'] / 2**20:,.1f} | {row['cpu_median_s'] / base['cpu_median_s']:.2f}x | "
+                   f"{row['peak_bytes'] / base['peak_bytes']:.2f}x |")
+    return "\n".join(out)
 
 
 def emit(rows: list[dict], table: str, json_path: str | None) -> None:

@@ -181,16 +181,23 @@ def _loss_methods():
     return methods
 
 
+def _loss_inputs(b, t, d, v, *, seed, batch_seed, scale=1.0):
+    """The OAPL loss's CUDA inputs for B x T tokens: hidden states [B, T, D] (bf16, times
+    ``scale``), head [V, D], targets [B, T], sampler log-probs [B, T] (fp32, near -10) and
+    binary rewards [B]."""
+    h, w, y = cuda_inputs(b * t, d, v, seed=seed, scale=scale)
+    g = torch.Generator(device="cuda").manual_seed(batch_seed)
+    inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
+    rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+    return h.view(b, t, d), w, y.view(b, t), inf_lp, rewards
+
+
 def bench_loss(shapes, reps):
     """oapl_loss fwd+bwd at B x T tokens: fused vs unfused vs token log-probs from others."""
     rows = []
     methods = _loss_methods()
     for b, t, d, v in shapes:
-        h, w, y = cuda_inputs(b * t, d, v, seed=6)
-        h, y = h.view(b, t, d), y.view(b, t)
-        g = torch.Generator(device="cuda").manual_seed(2)
-        inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
-        rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+        h, w, y, inf_lp, rewards = _loss_inputs(b, t, d, v, seed=6, batch_seed=2)
         for name, fn in methods.items():
             row = {"B": b, "T": t, "D": d, "V": v, "method": name}
             if isinstance(fn, str):
@@ -208,11 +215,7 @@ def bench_loss(shapes, reps):
 def bench_filter(b, t, d, v, eps_list, reps):
     """The fused oapl_loss at B x T tokens with grad_filter_eps in ``eps_list`` (0 first): time,
     blocks skipped, and dH / dW max relative error against eps = 0, on hidden states scaled by 4."""
-    h, w, y = cuda_inputs(b * t, d, v, seed=7, scale=4.0)
-    h, y = h.view(b, t, d), y.view(b, t)
-    g = torch.Generator(device="cuda").manual_seed(4)
-    inf_lp = -torch.rand(b, t, device="cuda", generator=g) * 0.01 - 10
-    rewards = (torch.rand(b, device="cuda", generator=g) > 0.5).float()
+    h, w, y, inf_lp, rewards = _loss_inputs(b, t, d, v, seed=7, batch_seed=4, scale=4.0)
     mask = torch.ones_like(y, dtype=torch.bool)
     rows, exact = [], None
     for eps in eps_list:
@@ -241,6 +244,20 @@ def bench_filter(b, t, d, v, eps_list, reps):
     return rows
 
 
+def _table(keys, measured, rows, cells, skip_key="skipped"):
+    """A markdown table's lines: per row its values of ``keys`` (column titles, or "title=key"),
+    then ``cells(row)`` (the ``measured`` columns joined by " | "), or the reason in
+    ``row[skip_key]`` where the case did not run."""
+    titles = [k.split("=")[0] for k in keys]
+    keys = [k.split("=")[-1] for k in keys]
+    out = ["| " + " | ".join(titles + measured) + " |", "|" + "---|" * (len(keys) + len(measured))]
+    for r in rows:
+        lead = " | ".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+        rest = f"skipped: {r[skip_key]}" + " |" * (len(measured) - 1) if skip_key in r else cells(r)
+        out.append(f"| {lead} | {rest} |")
+    return out
+
+
 def _markdown(env, corr, loss_rows, rows, loss_bench, filter_rows=()):
     out = [f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; "
            f"autotuned configs: {env.get('configs')}", "",
@@ -253,33 +270,20 @@ def _markdown(env, corr, loss_rows, rows, loss_bench, filter_rows=()):
     out += [""] + [f"oapl_loss {r['impl']} (fused={r['fused']}, workspace_bytes={r['workspace_bytes']}) vs "
                    f"{r['reference']} (B={r['B']}, T={r['T']}, D={r['D']}, V={r['V']}): loss {r['loss']:.1e}, "
                    f"dH {r['dH']:.1e}, dW {r['dW']:.1e}, ok={r['ok']}" for r in loss_rows] + ["",
-            "### Speed and memory (bf16, fwd+bwd of per-token log-probs)", "",
-            "| N | D | V | method | fwd ms | fwd+bwd ms | TFLOP/s | x 4-GEMM floor | peak GiB above inputs |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "skipped" in r:
-            out.append(f"| {r['N']} | {r['D']} | {r['V']} | {r['method']} | skipped: {r['skipped']} | | | | |")
-        else:
-            out.append(f"| {r['N']} | {r['D']} | {r['V']} | {r['method']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} "
-                       f"| {r['tflops']:.0f} | {r['x_floor']:.2f} | {r['peak_gib_above_inputs']:.2f} |")
-    out += ["", "### oapl_loss fwd+bwd (bf16; B sequences x T tokens, all on the mask, groups of gcd(8, B))", "",
-            "| B | T | D | V | method | fwd+bwd ms | 4-GEMM-equivalent TFLOP/s | peak GiB above inputs |",
-            "|---|---|---|---|---|---|---|---|"]
-    for r in loss_bench:
-        if "skipped" in r:
-            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['method']} | skipped: {r['skipped']} | | |")
-        else:
-            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['method']} | {r['fwd_bwd_ms']:.1f} "
-                       f"| {r['tflops_4gemm']:.0f} | {r['peak_gib_above_inputs']:.2f} |")
-    out += ["", "### Gradient filtering: oapl_loss fused (gemm) fwd+bwd, hidden states x 4 (peaked logits)", "",
-            "| B | T | D | V | grad_filter_eps | fwd+bwd ms | blocks skipped | dH err vs eps=0 | dW err vs eps=0 |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for r in filter_rows:
-        if "skipped_run" in r:
-            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['eps']:g} | {r['skipped_run']} | | | |")
-        else:
-            out.append(f"| {r['B']} | {r['T']} | {r['D']} | {r['V']} | {r['eps']:g} | {r['fwd_bwd_ms']:.1f} "
-                       f"| {100 * r['skipped']:.1f}% | {r['dH_err']:.1e} | {r['dW_err']:.1e} |")
+            "### Speed and memory (bf16, fwd+bwd of per-token log-probs)", ""]
+    out += _table(["N", "D", "V", "method"], ["fwd ms", "fwd+bwd ms", "TFLOP/s", "x 4-GEMM floor",
+                                              "peak GiB above inputs"], rows,
+                  lambda r: f"{r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['tflops']:.0f} | {r['x_floor']:.2f} "
+                            f"| {r['peak_gib_above_inputs']:.2f}")
+    out += ["", "### oapl_loss fwd+bwd (bf16; B sequences x T tokens, all on the mask, groups of gcd(8, B))", ""]
+    out += _table(["B", "T", "D", "V", "method"], ["fwd+bwd ms", "4-GEMM-equivalent TFLOP/s",
+                                                   "peak GiB above inputs"], loss_bench,
+                  lambda r: f"{r['fwd_bwd_ms']:.1f} | {r['tflops_4gemm']:.0f} | {r['peak_gib_above_inputs']:.2f}")
+    out += ["", "### Gradient filtering: oapl_loss fused (gemm) fwd+bwd, hidden states x 4 (peaked logits)", ""]
+    out += _table(["B", "T", "D", "V", "grad_filter_eps=eps"], ["fwd+bwd ms", "blocks skipped", "dH err vs eps=0",
+                                                            "dW err vs eps=0"], filter_rows,
+                  lambda r: f"{r['fwd_bwd_ms']:.1f} | {100 * r['skipped']:.1f}% | {r['dH_err']:.1e} "
+                            f"| {r['dW_err']:.1e}", skip_key="skipped_run")
     return "\n".join(out) + "\n"
 
 

@@ -29,7 +29,7 @@ import torch
 
 from oapl_kernels import oapl_loss
 
-from .common import emit, peak_allocated, time_interleaved, timing_cells
+from .common import emit, measure_cases, timing_table
 from oapl.batch import Rollout, collate
 
 from .packing_cpu import synthetic_batch
@@ -100,22 +100,15 @@ def _case(inputs: dict, mask: torch.Tensor):
 
 def run(rounds: int, shape: str = "single", tool_frac: float = 1.0) -> list[dict]:
     inputs = _inputs(shape=shape, tool_frac=tool_frac)
-    calls, rows = [], []
-    for name, mask in inputs["masks"].items():
-        calls.append(_case(inputs, mask))
-        calls[-1]()  # warm-up
-        rows.append({"case": name, "rows": int(mask.sum()), "peak_bytes": peak_allocated(calls[-1])[1]})
-    time_interleaved(calls, rows, rounds)
+    calls = [_case(inputs, mask) for mask in inputs["masks"].values()]
+    rows = [{"case": name, "rows": int(mask.sum())} for name, mask in inputs["masks"].items()]
+    measure_cases(calls, rows, rounds)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    base = rows[0]
-    out = ["| head input | rows | CPU s (median) | wall s (median) | peak MiB | CPU vs completion only | peak vs completion only |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['case']} | {r['rows']:,} | {timing_cells(r, base)}")
-    return "\n".join(out)
+    return timing_table(["head input", "rows"], ["---", "---:"], "completion only",
+                        [(f"{r['case']} | {r['rows']:,}", r, rows[0]) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:

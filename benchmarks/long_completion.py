@@ -4,14 +4,15 @@ each way of splitting a sequence across chunks: "torch" (the default plan: here 
 buffer) and "torch two-pass" (the side buffer forbidden, ``tuning.SIDE_BUFFER_SHARE = 0``).
 
     python -m benchmarks.long_completion [--rounds 3] [--json results/cpu-long.json]
-    TRITON_INTERPRET=1 python -m benchmarks.long_completion --contexts [--rounds 1]
+    TRITON_INTERPRET=1 python -m benchmarks.long_completion --contexts
 
 ``--contexts``: one completion of 2^14, 2^15, 2^16 and 2^17 tokens (D=64, V=32768, the default
 64 MiB workspace), the fused torch path, and naive where its [N, V] logits fit a third of the
 machine's available memory; with the Triton interpreter on, also the fused Triton path at a
 small split-heavy shape (one completion of 1,024 tokens over chunks of 16 rows, D=16, V=512).
+One call per case (:func:`run_once`), not rounds.
 
-All cases run in this one process on the same inputs, rounds interleaved (A B C A B C ...) so
+Otherwise all cases run in this one process on the same inputs, rounds interleaved (A B C A B C ...) so
 that a drifting machine load hits every case alike. Per case: the median CPU seconds (user +
 system of this process, the figure to compare on a shared machine) and wall seconds of one
 fwd+bwd, and the peak bytes torch allocates during one call (``common.peak_allocated``: exact,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 
@@ -29,7 +31,7 @@ from oapl_kernels import tuning
 from oapl_kernels.logprobs import backend
 from oapl_kernels.triton import interpreting
 
-from .common import Shape, emit, make_case, make_inputs, peak_allocated, time_interleaved, timing_cells
+from .common import Shape, emit, make_case, make_inputs, measure_cases, peak_allocated, timing_table
 
 LONG = Shape(1, 8192, 64, 32768, prompt=0)
 SHORT = Shape(64, 128, 64, 32768, prompt=0)
@@ -89,32 +91,47 @@ def run(cases, rounds: int) -> list[dict]:
     inputs = {shape: make_inputs(shape, torch.device("cpu")) for shape in {s for s, _ in cases}}
     calls = [_case(impl, inputs[shape]) for shape, impl in cases]
     rows = [{"shape": shape.id, "impl": impl} for shape, impl in cases]
-    for call, row in zip(calls, rows):
-        call()  # warm-up
-        row["peak_bytes"] = peak_allocated(call)[1]
-    time_interleaved(calls, rows, rounds)
+    measure_cases(calls, rows, rounds)
+    return rows
+
+
+def run_once(cases) -> list[dict]:
+    """The --contexts measurement, one call per case (a call of the longest takes minutes on a
+    shared 2-core machine): the CPU and wall seconds of the call that :func:`common.peak_allocated`
+    profiles, and its peak bytes, shortest first, each row printed when measured; the first torch
+    case also times one unprofiled call after it, which gives the profiler's share of the time
+    (``unprofiled_cpu_s``)."""
+    rows = []
+    for shape, impl in sorted(cases, key=lambda c: c[0].n):
+        call = _case(impl, make_inputs(shape, torch.device("cpu")))
+        c0, w0 = time.process_time(), time.perf_counter()
+        peak = peak_allocated(call)[1]
+        row = {"shape": shape.id, "impl": impl, "peak_bytes": peak, "cpu_median_s": time.process_time() - c0,
+               "wall_median_s": time.perf_counter() - w0, "load": os.getloadavg()[0]}
+        if impl == "torch" and not any("unprofiled_cpu_s" in r for r in rows):
+            c0 = time.process_time()
+            call()
+            row["unprofiled_cpu_s"] = time.process_time() - c0
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     """One table: per case its CPU and wall medians, peak MiB, and CPU/peak ratios to the fused path."""
     fused = {r["shape"]: r for r in rows if r["impl"] in ("torch", "triton")}
-    out = ["| shape | impl | CPU s (median) | wall s (median) | peak MiB | CPU vs fused | peak vs fused |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        f = fused[r["shape"]]
-        out.append(f"| {r['shape']} | {r['impl']} | {timing_cells(r, f)}")
-    return "\n".join(out)
+    return timing_table(["shape", "impl"], ["---", "---"], "fused",
+                        [(f"{r['shape']} | {r['impl']}", r, fused[r["shape"]]) for r in rows])
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: measure the cases, print the table, optionally write the rows as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (not with --contexts)")
     ap.add_argument("--json", help="also write the measured rows here")
     ap.add_argument("--contexts", action="store_true", help="the 2^14..2^17-token table instead")
     args = ap.parse_args(argv)
-    rows = run(context_cases() if args.contexts else CASES, args.rounds)
+    rows = run_once(context_cases()) if args.contexts else run(CASES, args.rounds)
     emit(rows, markdown(rows), args.json)
 
 
