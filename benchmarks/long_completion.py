@@ -10,7 +10,7 @@ buffer) and "torch two-pass" (the side buffer forbidden, ``tuning.SIDE_BUFFER_SH
 64 MiB workspace), the fused torch path, and naive where its [N, V] logits fit a third of the
 machine's available memory; with the Triton interpreter on, also the fused Triton path at a
 small split-heavy shape (one completion of 1,024 tokens over chunks of 16 rows, D=16, V=512).
-One call per case (:func:`run_once`), not rounds.
+One call per case (:func:`run_once`), not rounds, on one torch thread.
 
 Otherwise all cases run in this one process on the same inputs, rounds interleaved (A B C A B C ...) so
 that a drifting machine load hits every case alike. Per case: the median CPU seconds (user +
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="also write the measured rows here")
     ap.add_argument("--contexts", action="store_true", help="the 2^14..2^17-token table instead")
     args = ap.parse_args(argv)
+    if args.contexts:
+        torch.set_num_threads(1)  # CPU seconds then count work, not a second thread's spinning
     rows = run_once(context_cases()) if args.contexts else run(CASES, args.rounds)
     emit(rows, markdown(rows), args.json)
 
