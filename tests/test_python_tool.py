@@ -2,6 +2,7 @@
 real sandbox (exact ids, tool messages, scoring), and tools that fail, hang or flood."""
 
 import json
+import time
 
 import pytest
 
@@ -12,7 +13,7 @@ from oapl.envs.python_tool import PythonToolEnv, tool_code
 from oapl.prompts import Prompt
 from oapl.rollout.multiturn import run_episodes
 from oapl.rollout.turns import TurnFormat
-from oapl.sandbox import sandbox_problem
+from oapl.sandbox import own_uids, processes_of, sandbox_problem
 
 pytestmark = pytest.mark.skipif(sandbox_problem() is not None,
                                 reason=f"no sandbox: {sandbox_problem()}")
@@ -145,8 +146,13 @@ def test_failing_hung_and_flooding_tools(tok):
 
     hang = {0: ["```python\nimport time\ntime.sleep(60)\n```", "\\boxed{1}"]}
     cfg = EnvConfig(max_turns=3, step_timeout_s=4, gather_s=0.2)
-    ep, _ = _run(tok, problems[:1], hang, cfg, timeout_s=20.0)
+    ep, _ = _run(tok, problems[:1], hang, cfg, timeout_s=10.0)
     assert ep.rollouts[0].status == "failed" and ep.metrics["env_failures"] == 1
+    # The abandoned step's program still ends at the sandbox's own wall limit: nothing is left.
+    deadline = time.monotonic() + 30
+    while processes_of(own_uids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(own_uids()) == []
 
 
 def test_sample_episodes_in_chunks(tok):

@@ -183,7 +183,21 @@ class ServersSyncClient:
             {**init_info, "rank_offset": init_info["rank_offset"] + offsets[i]}))
 
     def start_weight_update(self) -> None:
-        self._all("/start_weight_update", lambda i: self.http[i].start_weight_update())
+        self._all("/start_weight_update", self._start_one)
+
+    def _start_one(self, i: int) -> None:
+        """``/start_weight_update`` on server ``i``. A trainer killed during an update leaves
+        the server's session open (vLLM then refuses a new one and has no route to abort it):
+        close it with ``/finish_weight_update`` and start again. The update that follows
+        sends every weight, so the half-received one is overwritten."""
+        try:
+            self.http[i].start_weight_update()
+        except Exception:  # noqa: BLE001 - retried once; the second failure is reported
+            try:
+                self.http[i].finish_weight_update(str(self.version))
+            except Exception:  # noqa: BLE001 - no session was open: the start failed otherwise
+                pass
+            self.http[i].start_weight_update()
 
     def update_weights(self, update_info: dict) -> None:
         self._all("/update_weights", lambda i: self.http[i].update_weights(update_info))

@@ -297,7 +297,10 @@ class ServerSource(Scheduled):
             rollouts = await self.servers[s].sample(self.session, flat, self.cfg.generation,
                                                     version)
         except ServerError as e:
-            if self.cfg.generation.on_server_failure != "reroute" or len(self.alive) < 2:
+            # Not "len(alive) < 2": a share already in flight to a server dropped meanwhile
+            # (its failure found by another share) still reroutes to the one left.
+            others = [t for t in self.alive if t != s]
+            if self.cfg.generation.on_server_failure != "reroute" or not others:
                 raise
             return await self._reroute(s, e, groups, version)
         end = time.perf_counter()
