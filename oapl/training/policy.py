@@ -97,10 +97,15 @@ class Policy(torch.nn.Module):
         for name, p in self.model.named_parameters():
             yield name, p.detach()
 
+    @property
+    def pushes_adapter(self) -> bool:
+        """Whether a push hands the engine the adapter alone (LoRA with ``push: adapter``)."""
+        return self.lora is not None and self.lora.push == "adapter"
+
     def push_weights(self) -> Iterator[tuple[str, torch.Tensor]] | AdapterWeights:
-        """What the engine takes: the adapter with LoRA (``AdapterWeights``, live tensors)
-        unless ``model.lora.push`` is ``merged``, else ``named_weights``."""
-        if self.lora is not None and self.lora.push == "adapter":
+        """What the engine takes: the adapter (``AdapterWeights``, live tensors) when
+        ``pushes_adapter``, else ``named_weights``."""
+        if self.pushes_adapter:
             from .lora import adapter_weights
 
             return adapter_weights(self.model)

@@ -324,9 +324,7 @@ class LocalTrainer:
     def push_weights(self):
         # Full weights (merged with LoRA) through named_weights, which a subclass may
         # override (FSDP gathers).
-        lora = self.policy.lora
-        return self.policy.push_weights() if lora is not None and lora.push == "adapter" \
-            else self.named_weights()
+        return self.policy.push_weights() if self.policy.pushes_adapter else self.named_weights()
 
     def save_pretrained(self, directory: str) -> None:
         """The model (with LoRA: the adapter, or merged with ``output.merge_lora``)."""

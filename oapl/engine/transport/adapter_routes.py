@@ -64,11 +64,12 @@ class AdapterSender:
         for server in self.client.servers:
             server.post("v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         previous, self.held = self.held, version
+        stale = previous is not None and previous != version
         for server in self.client.servers:
             server.adapter = name
-            if previous is not None and previous != version:
+            if stale:
                 server.post("v1/unload_lora_adapter", {"lora_name": adapter_name(previous)})
-        if previous is not None and previous != version:
+        if stale:
             shutil.rmtree(self._dir(previous), ignore_errors=True)
 
     def check(self) -> None:
