@@ -292,9 +292,6 @@ class Config:
             raise ValueError("generation.ahead samples with an engine: leave it 0 with "
                              "data.rollouts")
         _check_servers(g, d)
-        if e.name and uses_servers(g):
-            raise ValueError("env.name (multi-turn rollouts) does not run on vLLM servers yet: "
-                             "sample inline or with generation.ahead")
         if g.weight_transfer == "nccl" and not uses_servers(g):
             _check_nccl_transfer(g.ahead, t.device)
         _check_lora(self.model.lora, g)

@@ -252,16 +252,3 @@ def test_env_class_loads_a_users_file(tmp_path):
         env_class(f"{tmp_path}/nope.py:Echo")
     with pytest.raises(ValueError, match="expected one of"):
         env_class("nope")
-
-
-def test_env_on_servers_is_refused():
-    """Multi-turn rollouts on vLLM servers are not built: the config says so in one line
-    rather than sampling single-turn rollouts silently."""
-    cfg = Config()
-    cfg.env = EnvConfig(name="ask")
-    cfg.generation.replicas = 1
-    cfg.generation.weight_transfer = "gloo"
-    with pytest.raises(ValueError, match="does not run on vLLM servers"):
-        cfg.validate()
-    cfg.env = EnvConfig()
-    cfg.validate()

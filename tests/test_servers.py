@@ -5,12 +5,14 @@ so does one server instead of two; every row's version is the scheduled one and 
 bounded; the servers' log-probs agree with the trainer's after pushes; SIGKILL + resume
 continues identically; the demo's task on two replicas learns, then a replica killed gives one
 clear line (and with reroute on the module's servers the run finishes); SIGKILL of the trainer
-leaves no server behind.
+leaves no server behind; multi-turn rollouts (two more servers, of the multi-turn demo's model)
+give the same metrics on one server as on two.
 
 The identity runs train on the servers' own log-probs (``algorithm.lag_logprobs=sampler``,
 the default), so they also assert that a server returns the same log-probs for the same
 seeded requests whatever order they arrive in and however it batches them."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,6 +34,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "examples", "tiny-cpu.yaml")
+MULTITURN = os.path.join(ROOT, "examples", "tiny-multiturn.yaml")
 START_S = 900  # servers start in 60-200 s on a loaded 2-core machine, 5+ min when it swaps
 K, MINI, L = 1, 2, 2
 SMALL = ["data.prompts_per_step=16", "generation.n=4", f"algorithm.sync_every={L}",
@@ -71,19 +74,18 @@ def _wait_healthy(urls, procs, timeout=START_S):
             time.sleep(1)
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_model_dir, tmp_path_factory):
-    """Two servers started with the documented command; their URLs. Stopped (their whole
-    process groups) at the end of the module."""
+@contextlib.contextmanager
+def _documented_servers(model, logs):
+    """Two servers of ``model`` started with the documented command; their URLs. Stopped
+    (their whole process groups) on exit."""
     from oapl.engine.servers import free_port
 
-    logs = tmp_path_factory.mktemp("servers")
     urls, procs = [], []
     for i in range(2):
         port = free_port()
         with open(logs / f"server{i}.log", "w") as out:
             procs.append(subprocess.Popen(
-                documented_command(tiny_model_dir, port), stdout=out, stderr=subprocess.STDOUT,
+                documented_command(model, port), stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, **DOCUMENTED_ENV}, cwd=logs, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
     try:
@@ -94,6 +96,13 @@ def servers(tiny_model_dir, tmp_path_factory):
             _kill_group(p.pid)
         for p in procs:
             p.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir, tmp_path_factory):
+    """Two servers of the tiny model, for the module."""
+    with _documented_servers(tiny_model_dir, tmp_path_factory.mktemp("servers")) as urls:
+        yield urls
 
 
 def _kill_group(pgid: int) -> None:
@@ -230,6 +239,32 @@ def test_sigkill_of_the_trainer_leaves_no_server(tiny_model_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert_gone(pids, within=30.0)
+
+
+def test_multiturn_on_servers_same_whatever_the_server_count(tmp_path):
+    """The multi-turn demo's task (toy:ask, the tiny model's own vocabulary and warm-up) on
+    two servers of its model: conversations of two turns and more, every batch sampled by its
+    scheduled version, and one server gives the same metrics as two (a conversation's turns
+    go to its group's server, seeded as in one process)."""
+    from oapl.model_dir import prepare_tiny
+
+    model = prepare_tiny(load_config(MULTITURN, [f"output_dir={tmp_path}"]))
+
+    def run(name, urls):
+        out = tmp_path / name
+        train(load_config(MULTITURN, [f"output_dir={out}", f"model.path={model}",
+                                      "trainer.steps=6", *SMALL, _on(urls)]))
+        return read_metrics(str(out / "metrics.jsonl"))
+
+    keys = DETERMINISTIC + ("turns_mean", "multi_turn_frac", "env_tokens_mean",
+                            "model_tokens_mean", "env_failures", "env_truncated")
+    (tmp_path / "logs").mkdir()
+    with _documented_servers(model, tmp_path / "logs") as urls:
+        two, one = run("two", urls), run("one", urls[:1])
+    assert [[r[k] for k in keys] for r in one] == [[r[k] for k in keys] for r in two]
+    assert [r["version"] for r in two] == [0, 0, 0, 0, 2, 2]
+    assert max(r["multi_turn_frac"] for r in two) > 0.1 and all(
+        r["env_failures"] == 0 for r in two), two
 
 
 def test_reroute_finishes_when_a_server_dies(servers, tiny_model_dir, tmp_path):

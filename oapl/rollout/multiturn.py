@@ -34,6 +34,9 @@ from .pool import StepPool
 from .turns import TurnFormat
 
 TURN_SEED_STRIDE = 2**32
+# The batch's metrics that are counts and seconds (the others are means over rollouts).
+_COUNTS = ("env_failures", "env_truncated", "env_reply_cut", "engine_calls")
+_SECONDS = ("generate_s", "env_s")
 
 
 @dataclasses.dataclass
@@ -102,7 +105,7 @@ def run_episodes(generator, env_cls: type, cfg: EnvConfig, prompts: Sequence[Pro
     for p, group in zip(prompts, groups):
         for r in group:
             convs.append(_Conversation(len(convs), r, p.record))
-    counts = {"env_failures": 0, "env_truncated": 0, "env_reply_cut": 0, "engine_calls": 1}
+    counts = {**dict.fromkeys(_COUNTS, 0), "engine_calls": 1}
     failed = [False] * len(convs)
     pool = StepPool(cfg.workers, cfg.step_timeout_s)
     one = dataclasses.replace(sampling, n=1)
@@ -212,6 +215,23 @@ def run_episodes(generator, env_cls: type, cfg: EnvConfig, prompts: Sequence[Pro
                                       for r in rollouts) / n,
                "generate_s": generate_s, "env_s": env_s}
     return Episodes(rollouts, [c.reward for c in convs], failed, metrics)
+
+
+def merge_episodes(parts: Sequence[Episodes]) -> Episodes:
+    """Batches run side by side (a batch's shares on several servers) as one, in order:
+    counts summed, means weighted by rollouts, seconds the longest (they overlapped)."""
+    rollouts = [r for p in parts for r in p.rollouts]
+    metrics = {}
+    for key in parts[0].metrics:
+        values = [p.metrics[key] for p in parts]
+        if key in _COUNTS:
+            metrics[key] = sum(values)
+        elif key in _SECONDS:
+            metrics[key] = max(values)
+        else:
+            metrics[key] = sum(v * len(p.rollouts) for v, p in zip(values, parts)) / len(rollouts)
+    return Episodes(rollouts, [x for p in parts for x in p.rewards],
+                    [x for p in parts for x in p.failed], metrics)
 
 
 def sample_episodes(generator, cfg: EnvConfig, prompts: Sequence[Prompt],

@@ -7,6 +7,10 @@ at once, and each server takes its shares in batch order. Sample ``j`` of group 
 ``b`` has seed ``sampling_seed(seed, b * P * n) + i * n + j`` (P prompts of n samples per
 batch): the seeds the in-process engine gives the same samples, whatever the number of servers.
 So the rows, hence every metric but timings, depend on the config, seed and server count only.
+With ``env.name`` a server's share is a batch of multi-turn rollouts (``oapl.rollout.
+multiturn.run_episodes``, in a thread): every later turn of its conversations goes to the same
+server, and sample seeds are those of the in-process engine's run (turn ``t`` of the
+batch's conversation ``k``: ``sampling_seed(seed, b * P * n) + t * 2**32 + k``).
 
 The schedule holds on every server: batch ``b`` is sampled by ``sampling_version(b)``, so the
 lag bound of ``generation.ahead`` holds too. Updates happen between batches, exactly when the
@@ -33,7 +37,8 @@ Faults: a server unreachable at start, dying, answering an error or slower than
 ``generation.timeout_s`` raises ``EngineError`` naming its URL and what failed (the run stops,
 exit 1; the last checkpoint stays good). With ``on_server_failure: reroute`` a server failing
 while sampling is dropped: its groups are sampled on the others under the same seeds (counted in
-``rerouted_groups``) and the next update forms the group again without it; a failure during an
+``rerouted_groups``; multi-turn: its later turns too, a conversation counting as a group)
+and the next update forms the group again without it; a failure during an
 update still stops the run.
 """
 
@@ -55,8 +60,11 @@ from ..engine.adapter import AdapterWeights
 from ..engine.server_client import Sample, ServerClient, ServerError, ServersSyncClient
 from ..engine.servers import LocalServers
 from ..engine.transport.base import Weights, wire_dtype
+from ..envs import env_class
 from ..errors import EngineError
 from ..prompts import PromptSampler, load_prompts, sampling_seed
+from ..rollout.multiturn import merge_episodes, run_episodes
+from ..rollout.turns import TurnFormat
 from ..tasks import load_reward
 from .schedule import Scheduled, sampling_version
 
@@ -89,6 +97,9 @@ class ServerSource(Scheduled):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.prompts = load_prompts(cfg.data, tokenizer)
         self.reward_fn, self.reward_workers = load_reward(cfg.data)
+        # env.name: each share is a batch of multi-turn rollouts on its server (run_episodes).
+        self.env_cls = env_class(cfg.env.name) if cfg.env.name else None
+        self.turns = TurnFormat(tokenizer) if self.env_cls else None
         self.lora_rank = cfg.model.lora.engine_rank  # > 0: adapters through the adapter routes
         self.local = (LocalServers(model_path, g, cfg.seed, os.path.join(cfg.output_dir, "servers"),
                                    self.lora_rank) if g.replicas else None)
@@ -225,6 +236,7 @@ class ServerSource(Scheduled):
         loop = asyncio.get_running_loop()
         self.sync_pool = ThreadPoolExecutor(1, thread_name_prefix="oapl-push")
         self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="oapl-score")
+        self.episode_pool = ThreadPoolExecutor(len(self.servers), thread_name_prefix="oapl-turns")
         self.alive = list(range(len(self.servers)))
         self.free_at = [time.perf_counter()] * len(self.servers)  # its last share's end
         self.tails: dict[int, asyncio.Future] = {}  # each server's last share
@@ -254,20 +266,18 @@ class ServerSource(Scheduled):
                     held = need
                 idx = sampler.next_batch()
                 base = sampling_seed(cfg.seed, b * len(idx) * g.n)
-                samples = [[Sample(i, tuple(self.prompts[i].token_ids), base + gi * g.n + j)
-                            for j in range(g.n)] for gi, i in enumerate(idx)]
                 shares = []
                 for s, r in zip(list(self.alive), route(len(idx), len(self.alive))):
-                    task = self._task(self._share(s, samples[r.start:r.stop], held,
-                                                  self.tails.get(s)))
+                    task = self._task(self._share(s, idx[r.start:r.stop], base + r.start * g.n,
+                                                  held, self.tails.get(s)))
                     self.tails[s] = task
                     shares.append(task)
                 collected = self._task(self._collect(b, shares, sampler.state_dict(), stall,
                                                      update_s, collected))
             if collected is not None:
                 await collected
-        self.sync_pool.shutdown(wait=False)
-        self.score_pool.shutdown(wait=False)
+        for pool in (self.sync_pool, self.score_pool, self.episode_pool):
+            pool.shutdown(wait=False)
 
     def _task(self, coro) -> asyncio.Task:
         """``coro`` as a task whose failure, if any, goes to the trainer's thread at once."""
@@ -286,40 +296,54 @@ class ServerSource(Scheduled):
                 self.error = e
             self.cond.notify_all()
 
-    async def _share(self, s: int, groups: list[list[Sample]], version: int, prev):
-        """Server ``s`` samples ``groups`` after ``prev`` (its previous share): (rollouts,
-        {s: busy_frac}, rerouted groups)."""
+    async def _share(self, s: int, idx: list[int], seed: int, version: int, prev):
+        """Server ``s`` samples the groups of prompts ``idx`` after ``prev`` (its previous
+        share), with seeds from ``seed`` as the in-process engine's ``generate(..., seed)``
+        (and ``run_episodes``) would: (rollouts, or the share's ``Episodes`` with
+        ``env.name``; {s: busy_frac}, or {} if it failed; rerouted groups)."""
         if prev is not None:
             await asyncio.shield(prev)
+        g = self.cfg.generation
         start = time.perf_counter()
-        flat = [x for group in groups for x in group]
-        try:
-            rollouts = await self.servers[s].sample(self.session, flat, self.cfg.generation,
-                                                    version)
-        except ServerError as e:
-            # Not "len(alive) < 2": a share already in flight to a server dropped meanwhile
-            # (its failure found by another share) still reroutes to the one left.
-            others = [t for t in self.alive if t != s]
-            if self.cfg.generation.on_server_failure != "reroute" or not others:
-                raise
-            return await self._reroute(s, e, groups, version)
+        if self.env_cls is None:
+            groups = [[Sample(i, tuple(self.prompts[i].token_ids), seed + gi * g.n + j)
+                       for j in range(g.n)] for gi, i in enumerate(idx)]
+            out, rerouted = await self._sample(s, groups, g, version)
+        else:
+            engine = _ShareEngine(self, s, version)
+            out = await asyncio.get_running_loop().run_in_executor(
+                self.episode_pool, run_episodes, engine, self.env_cls, self.cfg.env,
+                [self.prompts[i] for i in idx], g, seed, self.turns, g.max_model_len)
+            rerouted = engine.rerouted
+        if s not in self.alive:
+            return out, {}, rerouted
         end = time.perf_counter()
         busy = (end - start) / max(end - self.free_at[s], 1e-9)
         self.free_at[s] = end
-        return rollouts, {s: busy}, 0
+        return out, {s: busy}, rerouted
 
-    async def _reroute(self, s: int, error: ServerError, groups: list[list[Sample]],
-                       version: int):
-        """Drop server ``s`` and sample its ``groups`` on the others (same seeds)."""
+    async def _sample(self, s: int, groups: list[list[Sample]], sampling, version: int):
+        """``groups`` sampled on server ``s`` (``sampling``: a ``GenerationConfig``'s sampling
+        fields), or, with ``on_server_failure: reroute`` once it has failed, on the others
+        under the same seeds: (the rollouts in order, how many groups were rerouted)."""
+        flat = [x for group in groups for x in group]
         if s in self.alive:
-            self.alive.remove(s)
-            log.warning("%s; sampling its groups on the other servers", error)
+            try:
+                return await self.servers[s].sample(self.session, flat, sampling, version), 0
+            except ServerError as e:
+                # Not "len(alive) < 2": a share already in flight to a server dropped
+                # meanwhile (its failure found by another share) still reroutes to the one left.
+                others = [t for t in self.alive if t != s]
+                if self.cfg.generation.on_server_failure != "reroute" or not others:
+                    raise
+                self.alive.remove(s)
+                log.warning("%s; sampling its groups on the other servers", e)
         alive = list(self.alive)
         parts = await asyncio.gather(*(
             self.servers[t].sample(self.session, [x for gr in groups[r.start:r.stop] for x in gr],
-                                   self.cfg.generation, version)
+                                   sampling, version)
             for t, r in zip(alive, route(len(groups), len(alive)))))
-        return [x for p in parts for x in p], {}, len(groups)
+        return [x for p in parts for x in p], len(groups)
 
     def _reform_if_needed(self) -> None:
         """After a server was dropped: the weight group again, of the servers left."""
@@ -334,15 +358,21 @@ class ServerSource(Scheduled):
         generate_s = time.perf_counter() - t
         if prev is not None:
             await prev
-        rollouts: list[Rollout] = [r for part, _, _ in parts for r in part]
-        t = time.perf_counter()
-        records = [self.prompts[r.prompt_index].record for r in rollouts]
-        _, rewards, failed = await asyncio.get_running_loop().run_in_executor(
-            self.score_pool, score_rollouts, self.reward_fn, self.tokenizer, rollouts, records,
-            self.reward_workers)
-        score_s = time.perf_counter() - t
         kk = self.cfg.trainer.minibatches
-        metrics = {"generate_s": generate_s / kk, "score_s": score_s / kk,
+        if self.env_cls is None:
+            rollouts: list[Rollout] = [r for part, _, _ in parts for r in part]
+            t = time.perf_counter()
+            records = [self.prompts[r.prompt_index].record for r in rollouts]
+            _, rewards, failed = await asyncio.get_running_loop().run_in_executor(
+                self.score_pool, score_rollouts, self.reward_fn, self.tokenizer, rollouts,
+                records, self.reward_workers)
+            score_s = time.perf_counter() - t
+            metrics = {}
+        else:  # scored by the environments as they went
+            ep = merge_episodes([part for part, _, _ in parts])
+            rollouts, rewards, failed, metrics = ep.rollouts, ep.rewards, ep.failed, ep.metrics
+            generate_s, score_s = metrics.pop("generate_s"), metrics.pop("env_s")
+        metrics = {**metrics, "generate_s": generate_s / kk, "score_s": score_s / kk,
                    "sync_stall_s": max(stall) / kk, "update_s": update_s / kk,
                    "rerouted_groups": float(sum(n for _, _, n in parts))}
         for s in range(len(self.servers)):
@@ -353,6 +383,35 @@ class ServerSource(Scheduled):
         with self.cond:
             self.done[b] = _Done(b, scored, sampler_state)
             self.cond.notify_all()
+
+
+class _ShareEngine:
+    """The ``generate`` that ``run_episodes`` calls for a multi-turn share, from a worker
+    thread: every turn of the share's conversations on server ``s`` (or, once it has failed,
+    rerouted as ``ServerSource._sample`` does), each sample with the seed the in-process
+    engine gives it. ``rerouted``: groups (later turns: conversations) sampled elsewhere."""
+
+    def __init__(self, source: ServerSource, s: int, version: int):
+        self.source, self.s, self.version = source, s, version
+        self.rerouted = 0
+
+    def generate(self, prompts, prompt_indices, sampling, seed: int, seeds=None):
+        n = sampling.n
+        firsts = seeds if seeds is not None else [seed + gi * n for gi in range(len(prompts))]
+        groups = [[Sample(i, tuple(ids), first + j) for j in range(n)]
+                  for ids, i, first in zip(prompts, prompt_indices, firsts)]
+        loop = self.source.loop
+        future = asyncio.run_coroutine_threadsafe(
+            self.source._sample(self.s, groups, sampling, self.version), loop)
+        while True:  # the loop may close (the run stopping) before it runs the request
+            try:
+                flat, rerouted = future.result(timeout=1.0)
+                break
+            except TimeoutError:
+                if loop.is_closed():
+                    raise EngineError("sampling stopped") from None
+        self.rerouted += rerouted
+        return [flat[k * n:(k + 1) * n] for k in range(len(groups))]
 
 
 def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
