@@ -165,35 +165,41 @@ class _Loop:
 
     def run(self) -> dict:
         """Train to ``trainer.steps``; the mean reward of the first and last 10 steps run."""
-        cfg, k = self.cfg, self.cfg.trainer.minibatches
-        bar = tqdm(total=cfg.trainer.steps, initial=self.step, desc="oapl train")
+        cfg = self.cfg
         rewards: list[float] = []
-        while self.step < cfg.trainer.steps:
-            b = self.source.next_batch()
-            train = collate(b.rollouts, b.rewards, self.pad_id, values=b.values)
-            t = time.perf_counter()
-            train.lag_logprobs = self.trainer.lag_logprobs(train)  # at the sampling weights
-            self.release_lag_policies()
-            b.timings["lag_logprobs_s"] = time.perf_counter() - t
-            per = len(train) // k
-            for j in range(k):
-                record = self.train_minibatch(b, train, slice(j * per, (j + 1) * per))
-                self.loggers.write(record)
-                rewards.append(record["reward_mean"])
-                bar.update(1)
-                bar.set_postfix(reward10=f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}",
-                                lag=f"{record['lag']:.0f}", loss=f"{record['loss']:.4f}")
-            if self.checkpoint_due():
-                root = os.path.join(cfg.output_dir, "checkpoints")
-                save_checkpoint(root, self.trainer, {"step": self.step},
-                                keep=cfg.output.keep_checkpoints,
-                                source_state=self.source.state_dict())
-        bar.close()
+        # "with": a failure closes the bar first, so its one-line error starts a new row.
+        with tqdm(total=cfg.trainer.steps, initial=self.step, desc="oapl train") as bar:
+            while self.step < cfg.trainer.steps:
+                self.train_batch(bar, rewards)
         self.loggers.close()
         if not rewards:
             return {}
         return {"reward_first10": sum(rewards[:10]) / len(rewards[:10]),
                 "reward_last10": sum(rewards[-10:]) / len(rewards[-10:])}
+
+    def train_batch(self, bar, rewards: list[float]) -> None:
+        """The source's next batch: its minibatch steps (each step's mean reward appended to
+        ``rewards``, ``bar`` advanced), then a checkpoint if one is due."""
+        cfg, k = self.cfg, self.cfg.trainer.minibatches
+        b = self.source.next_batch()
+        train = collate(b.rollouts, b.rewards, self.pad_id, values=b.values)
+        t = time.perf_counter()
+        train.lag_logprobs = self.trainer.lag_logprobs(train)  # at the sampling weights
+        self.release_lag_policies()
+        b.timings["lag_logprobs_s"] = time.perf_counter() - t
+        per = len(train) // k
+        for j in range(k):
+            record = self.train_minibatch(b, train, slice(j * per, (j + 1) * per))
+            self.loggers.write(record)
+            rewards.append(record["reward_mean"])
+            bar.update(1)
+            bar.set_postfix(reward10=f"{sum(rewards[-10:]) / len(rewards[-10:]):.3f}",
+                            lag=f"{record['lag']:.0f}", loss=f"{record['loss']:.4f}")
+        if self.checkpoint_due():
+            root = os.path.join(cfg.output_dir, "checkpoints")
+            save_checkpoint(root, self.trainer, {"step": self.step},
+                            keep=cfg.output.keep_checkpoints,
+                            source_state=self.source.state_dict())
 
 
 def train(cfg: Config, generator: Generator | None = None,

@@ -210,9 +210,9 @@ def test_replicas_learn_then_one_killed_gives_one_clear_line(tiny_model_dir, tmp
     finally:
         proc.kill()
     assert proc.returncode == 1, err[-3000:]
-    # The line follows the progress bar's last frame (on a terminal, the same row).
-    lines = [x[x.index("oapl train: error"):] for x in err.splitlines()
-             if "oapl train: error" in x]
+    # On a row of its own: the progress bar is closed first.
+    lines = [x for x in err.splitlines() if "oapl train: error" in x]
+    assert all(x.startswith("oapl train: error") for x in lines), err[-3000:]
     assert len(lines) == 1 and f"server http://127.0.0.1:{port}" in lines[0], err[-3000:]
     assert "Traceback" not in err
     assert_gone(pids, within=30.0)
