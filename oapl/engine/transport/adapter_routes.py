@@ -1,8 +1,8 @@
 """The transport of LoRA adapters (``model.lora.push: adapter``) to vLLM servers: vLLM's adapter
 routes instead of its weight routes.
 
-``AdapterSender`` has ``HTTPSender``'s interface (``oapl.sources.servers`` drives either).
-``send`` writes the version's adapter as a PEFT directory under a root the servers read (a
+``AdapterSender`` is, like ``HTTPSender``, a ``StagedSender`` (``oapl.sources.servers`` drives
+either). ``send`` writes the version's adapter as a PEFT directory under a root the servers read (a
 local directory for local replicas, a shared filesystem for servers elsewhere) and returns;
 ``deliver(version)``, when the schedule says the servers are due to take it (they are between
 batches), has every server load it (``/v1/load_lora_adapter``, as ``adapter_name(version)``),
@@ -16,23 +16,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 
 import torch
 
 from ..adapter import AdapterWeights, adapter_name
 from ..server_client import ServersSyncClient
+from .base import StagedSender
 
 
-class AdapterSender:
+class AdapterSender(StagedSender):
     """The trainer's side of the adapter transport to ``client``'s servers. ``root``: where the
     adapters' directories go (the servers must read it at the same path); ``dtype``: the
     adapters' dtype there (None: each tensor's own)."""
 
     def __init__(self, client: ServersSyncClient, root: str, dtype: torch.dtype | None):
+        super().__init__()
         self.client, self.root, self.dtype = client, os.path.abspath(root), dtype
-        self.staged: dict[int, str] = {}
-        self.lock = threading.Lock()
         self.held: int | None = None  # the version every server holds
 
     def init(self) -> None:
@@ -47,19 +46,12 @@ class AdapterSender:
         if not isinstance(weights, AdapterWeights):
             raise TypeError("servers without weight routes in use take LoRA adapters only "
                             f"(model.lora.push=adapter), got {type(weights).__name__}")
-        path = weights.cpu_copy(self.dtype).save(self._dir(version))
-        with self.lock:
-            self.staged[version] = path
-
-    def has(self, version: int) -> bool:
-        with self.lock:
-            return version in self.staged
+        self.stage(version, weights.cpu_copy(self.dtype).save(self._dir(version)))
 
     def deliver(self, version: int) -> None:
         """Every server loads staged ``version`` and drops the one before (blocking: the
         servers must be between batches); later completions name it."""
-        with self.lock:
-            path = self.staged.pop(version)
+        path = self.take(version)
         name = adapter_name(version)
         for server in self.client.servers:
             server.post("v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
@@ -72,14 +64,9 @@ class AdapterSender:
         if stale:
             shutil.rmtree(self._dir(previous), ignore_errors=True)
 
-    def check(self) -> None:
-        """Failures surface from ``deliver``, in the caller's thread."""
-
     def close(self) -> None:
         """Drop the staged versions' directories (the held one's stays, the servers' own)."""
-        with self.lock:
-            staged, self.staged = list(self.staged), {}
-        for version in staged:
+        for version in self.drop_staged():
             shutil.rmtree(self._dir(version), ignore_errors=True)
 
     def _dir(self, version: int) -> str:

@@ -10,8 +10,9 @@ into the engine. One file per transport (``oapl.engine.transport``). Every trans
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,6 +38,39 @@ class WeightSender(Protocol):
 
     def close(self) -> None:
         """Release what the transport holds (threads, groups); never waits long."""
+
+
+class StagedSender:
+    """A sender whose versions wait, staged, until the caller's schedule delivers them (the
+    transports to vLLM servers: ``oapl.sources.servers`` calls ``deliver(version)`` when the
+    servers are due to take it). ``send`` stages in the trainer's thread; ``has``, ``take`` and
+    ``drop_staged`` may run in another."""
+
+    def __init__(self):
+        self.staged: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def stage(self, version: int, item: Any) -> None:
+        with self.lock:
+            self.staged[version] = item
+
+    def has(self, version: int) -> bool:
+        with self.lock:
+            return version in self.staged
+
+    def take(self, version: int) -> Any:
+        """The staged ``version``, no longer staged."""
+        with self.lock:
+            return self.staged.pop(version)
+
+    def drop_staged(self) -> list[int]:
+        """Forget every staged version; the versions it held."""
+        with self.lock:
+            versions, self.staged = list(self.staged), {}
+        return versions
+
+    def check(self) -> None:
+        """Failures surface from ``deliver``, in the caller's thread."""
 
 
 class WeightReceiver(Protocol):

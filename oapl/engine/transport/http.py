@@ -14,17 +14,15 @@ with the version (``/weight_info`` names it), then ``/reset_prefix_cache``.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from ...errors import EngineError
 from ..server_client import ServersSyncClient
-from .base import Weights
+from .base import StagedSender, Weights
 from .nccl import StagedWeights
 
 
-class HTTPSender:
+class HTTPSender(StagedSender):
     """The trainer's side of the transport to ``client``'s servers. ``backend``: ``gloo`` or
     ``nccl``; ``address``: where the servers reach the trainer's group (a TCPStore on a free
     port); ``dtype``: the wire dtype (None: each tensor's own); ``device``: where staged copies
@@ -32,10 +30,9 @@ class HTTPSender:
 
     def __init__(self, client: ServersSyncClient, backend: str, address: str,
                  dtype: torch.dtype | None, device: torch.device, timeout_s: float):
+        super().__init__()
         self.client, self.backend, self.address = client, backend, address
         self.dtype, self.device, self.timeout_s = dtype, device, timeout_s
-        self.staged: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        self.lock = threading.Lock()
         self.source = StagedWeights()
         self.engine = None
 
@@ -82,18 +79,12 @@ class HTTPSender:
                   for name, t in weights]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        with self.lock:
-            self.staged[version] = staged
-
-    def has(self, version: int) -> bool:
-        with self.lock:
-            return version in self.staged
+        self.stage(version, staged)
 
     def deliver(self, version: int) -> None:
         """Send staged ``version`` to every server (blocking; the servers must be between
         batches), then free its copy."""
-        with self.lock:
-            self.source.tensors = self.staged.pop(version)
+        self.source.tensors = self.take(version)
         self.client.version = version
         try:
             if self.device.type == "cuda":
@@ -111,13 +102,9 @@ class HTTPSender:
         finally:
             self.source.tensors = []
 
-    def check(self) -> None:
-        """Failures surface from ``deliver``, in the caller's thread."""
-
     def close(self) -> None:
         """Drop staged copies and the group (the servers keep serving)."""
-        with self.lock:
-            self.staged.clear()
+        self.drop_staged()
         if self.engine is not None:
             try:
                 self.engine.shutdown()
