@@ -553,6 +553,15 @@ def _wall_figure(out, plan, methods, lags, tuning) -> None:
     plt.close(fig)
 
 
+def _batch_shape(plan: dict) -> str:
+    """"P prompts x G=n" of every run's batch: the task's config with the sweep's overrides."""
+    from oapl.config import load_config
+
+    task = TASKS[plan["task"]]
+    cfg = load_config(task["config"], [*task["overrides"], *plan["common"]])
+    return f"{cfg.data.prompts_per_step} prompts x G={cfg.generation.n}"
+
+
 def _figure(out, plan, methods, lags, rows, curves) -> None:
     import matplotlib
 
@@ -613,7 +622,7 @@ def _figure(out, plan, methods, lags, rows, curves) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("sampler reward (10-step mean)", fontsize=8)
     fig.suptitle(f"OAPL vs GRPO under sampler lag: toy:{plan['task']}, tiny Llama, {plan['steps']} steps x "
-                 f"64 prompts x G=8, seeds {plan['seeds']} (bands/bars: min-max over seeds)",
+                 f"{_batch_shape(plan)}, seeds {plan['seeds']} (bands/bars: min-max over seeds)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lag_sweep.png"), dpi=110)
