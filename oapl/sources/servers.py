@@ -79,6 +79,16 @@ def route(groups: int, servers: int) -> list[range]:
     return [range(starts[s], starts[s + 1]) for s in range(servers)]
 
 
+def seeded_groups(prompts, prompt_indices, n: int, seed: int,
+                  seeds=None) -> list[list[Sample]]:
+    """The samples the in-process engine's ``generate(prompts, prompt_indices, sampling,
+    seed, seeds)`` draws, one ``Sample`` each: prompt ``i``'s ``n`` samples seeded ``seed +
+    i * n + j``, or ``seeds[i] + j`` when given. ``prompts``: token ids."""
+    firsts = seeds if seeds is not None else [seed + i * n for i in range(len(prompts))]
+    return [[Sample(index, tuple(ids), first + j) for j in range(n)]
+            for ids, index, first in zip(prompts, prompt_indices, firsts)]
+
+
 @dataclasses.dataclass
 class _Done:
     """One batch, sampled and scored, with the prompt sampler's position after it."""
@@ -306,8 +316,7 @@ class ServerSource(Scheduled):
         g = self.cfg.generation
         start = time.perf_counter()
         if self.env_cls is None:
-            groups = [[Sample(i, tuple(self.prompts[i].token_ids), seed + gi * g.n + j)
-                       for j in range(g.n)] for gi, i in enumerate(idx)]
+            groups = seeded_groups([self.prompts[i].token_ids for i in idx], idx, g.n, seed)
             out, rerouted = await self._sample(s, groups, g, version)
         else:
             engine = _ShareEngine(self, s, version)
@@ -397,9 +406,7 @@ class _ShareEngine:
 
     def generate(self, prompts, prompt_indices, sampling, seed: int, seeds=None):
         n = sampling.n
-        firsts = seeds if seeds is not None else [seed + gi * n for gi in range(len(prompts))]
-        groups = [[Sample(i, tuple(ids), first + j) for j in range(n)]
-                  for ids, i, first in zip(prompts, prompt_indices, firsts)]
+        groups = seeded_groups(prompts, prompt_indices, n, seed, seeds)
         loop = self.source.loop
         future = asyncio.run_coroutine_threadsafe(
             self.source._sample(self.s, groups, sampling, self.version), loop)
