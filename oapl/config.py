@@ -62,6 +62,9 @@ class ModelConfig:
     dtype: str = "float32"  # trainer parameter dtype (the optimizer state follows it)
     tiny_seed: int = 0
     tiny_format_warmup_steps: int = 100  # supervised answer-format warm-up (tiny model only)
+    # The toy task whose vocabulary and warm-up build the tiny model (its name, e.g. ask);
+    # None: data.source's own (a toy:<task>).
+    tiny_task: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -69,7 +72,9 @@ class ModelConfig:
 class DataConfig:
     """Prompts and their reward. ``source``: a task (``oapl.tasks``): ``toy:<task>``,
     ``word_problems`` (``split``: train | eval), ``humaneval``, a ``.jsonl`` / ``.parquet``
-    prompt file, or ``datasets:<name or saved dir>`` (needs the ``datasets`` package)."""
+    prompt file, ``datasets:<name or saved dir>`` (needs the ``datasets`` package), or
+    ``verifiers:<taskset id or package dir>`` (a verifiers taskset, played and scored by
+    ``env.name=verifiers``)."""
 
     source: str = "toy:max"
     split: str = "train"
@@ -77,9 +82,10 @@ class DataConfig:
     answer_key: str = "answer"
     prompt_template: str = "{prompt}"
     chat_template: bool = False  # wrap the prompt as a user turn with the tokenizer's template
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a record's own system_prompt (a verifiers task's) wins
     max_prompt_tokens: int = 512  # longer prompts are dropped when loading
     limit: int | None = None  # keep the first N records
+    task_kwargs: dict = field(default_factory=dict)  # verifiers:<taskset>: the taskset's config
     reward: str | None = None  # a name in oapl.rewards.REWARDS; None: the task's own scorer
     # Options of the reward; only code takes any: partial, cpu_s, timeout_s, memory_mb, max_procs,
     # allow_unsandboxed, ... (see oapl.rewards.code and oapl.sandbox.Limits).
@@ -281,6 +287,10 @@ class Config:
                            ("env.max_tokens", _or_one(e.max_tokens))]:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        vf_source = d.source.startswith("verifiers:")
+        if vf_source != (e.name == "verifiers") and d.rollouts is None:
+            raise ValueError("data.source=verifiers:<taskset> and env.name=verifiers go "
+                             f"together (got data.source={d.source!r}, env.name={e.name!r})")
         if e.step_timeout_s <= 0 or e.gather_s < 0:
             raise ValueError(f"env.step_timeout_s must be > 0 and env.gather_s >= 0, got "
                              f"{e.step_timeout_s}, {e.gather_s}")

@@ -33,15 +33,19 @@ from .tasks.toy import toy_task
 
 def prepare_tiny(cfg: Config) -> str:
     """The tiny model built (once, deterministically) under ``<output_dir>/base_model``, with
-    its format warm-up (``model.tiny_format_warmup_steps``) on the toy task's prompts."""
+    its format warm-up (``model.tiny_format_warmup_steps``) on the toy task's prompts (the
+    task ``model.tiny_task``, else ``data.source``'s)."""
     steps = cfg.model.tiny_format_warmup_steps
     prompts, answers, vocab, answer_len, examples = [], [], None, 1, None
-    task = toy_task(cfg.data.source[4:]) if cfg.data.source.startswith("toy:") else None
+    name = cfg.model.tiny_task or (
+        cfg.data.source[4:] if cfg.data.source.startswith("toy:") else None)
+    task = toy_task(name) if name is not None else None
     if task is not None:
         vocab, answer_len = task.vocab, task.answer_len  # the task's vocabulary (None: VOCAB)
     if steps:
         if task is None:
-            raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source")
+            raise ValueError("model.tiny_format_warmup_steps needs a toy:<task> data.source "
+                             "or model.tiny_task")
         tok = tiny.build_tokenizer(vocab or tiny.VOCAB)
         if task.warmup_examples is not None:  # whole sequences (a multi-turn task's)
             examples = task.warmup_examples(tok)

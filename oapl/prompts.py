@@ -27,11 +27,13 @@ class Prompt:
 
 def tokenize_prompt(record: dict, cfg: DataConfig, tokenizer) -> list[int]:
     """Token ids of ``cfg.prompt_template`` filled with the record, through the chat template
-    when ``cfg.chat_template`` (as one user turn after the optional system prompt)."""
+    when ``cfg.chat_template`` (as one user turn after the optional system prompt: the
+    record's ``system_prompt``, else ``cfg.system_prompt``)."""
     text = cfg.prompt_template.format(**record)
     if not cfg.chat_template:
         return tokenizer(text)["input_ids"]
-    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    system = record.get("system_prompt", cfg.system_prompt)
+    messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(chat, add_special_tokens=False)["input_ids"]

@@ -43,7 +43,14 @@ def _python() -> type:
     return PythonToolEnv
 
 
-ENVS: dict[str, Callable[[], type]] = {"ask": _ask, "python": _python}
+def _verifiers() -> type:
+    from .verifiers_env import VerifiersEnv
+
+    return VerifiersEnv
+
+
+ENVS: dict[str, Callable[[], type]] = {"ask": _ask, "python": _python,
+                                       "verifiers": _verifiers}
 
 
 def env_class(name: str) -> type:

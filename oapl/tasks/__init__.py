@@ -17,17 +17,18 @@ from dataclasses import dataclass
 
 from ..config import DataConfig
 from ..rewards import RewardFn, get_reward, get_reward_fn
-from . import humaneval, prompt_file, toy, word_problems
+from . import humaneval, prompt_file, toy, verifiers_taskset, word_problems
 
 
 @dataclass(frozen=True)
 class Task:
     """``load(cfg)``: the task's records (list of dicts with ``prompt``); ``reward``: the name
-    of its default scorer in ``oapl.rewards.REWARDS``."""
+    of its default scorer in ``oapl.rewards.REWARDS``, or None for a task that only its
+    environment (``env.name``) scores."""
 
     name: str
     load: Callable[[DataConfig], list[dict]]
-    reward: str
+    reward: str | None
 
 
 def _toy(name: str) -> Task:
@@ -53,21 +54,28 @@ def get_task(source: str) -> Task:
         return _toy(source[4:])
     if prompt_file.is_prompt_file(source):
         return Task(source, prompt_file.load, reward="exact_match")
+    if source.startswith(verifiers_taskset.PREFIX):
+        return Task(source, verifiers_taskset.load, reward=None)
     raise ValueError(
         f"data.source {source!r}: expected one of {sorted(TASKS)}, toy:<task> (tasks: "
-        f"{sorted(toy.TOY_TASKS)}), a .jsonl or .parquet file, or datasets:<name or dir>"
+        f"{sorted(toy.TOY_TASKS)}), a .jsonl or .parquet file, datasets:<name or dir>, or "
+        "verifiers:<taskset>"
     )
 
 
-def reward_name(cfg: DataConfig) -> str:
-    """``data.reward``, or the task's own scorer when unset."""
+def reward_name(cfg: DataConfig) -> str | None:
+    """``data.reward``, or the task's own scorer when unset (None: its environment scores
+    it)."""
     return cfg.reward or get_task(cfg.source).reward
 
 
-def load_reward(cfg: DataConfig) -> tuple[RewardFn, int]:
+def load_reward(cfg: DataConfig) -> tuple[RewardFn | None, int]:
     """The reward function (with ``data.reward_kwargs``) and the size of its scoring pool
-    (``data.reward_workers``, else the reward's default)."""
+    (``data.reward_workers``, else the reward's default); (None, 1) for a task that only its
+    environment scores."""
     name = reward_name(cfg)
+    if name is None:
+        return None, 1
     reward = get_reward(name)
     workers = cfg.reward_workers or reward.workers
     if reward.main_thread and workers > 1:
@@ -79,6 +87,8 @@ def load_reward(cfg: DataConfig) -> tuple[RewardFn, int]:
 def read_records(cfg: DataConfig) -> list[dict]:
     """The task's records, checked to hold the fields its reward reads."""
     records = get_task(cfg.source).load(cfg)
+    if reward_name(cfg) is None:
+        return records
     reward = get_reward(reward_name(cfg))
     for i, rec in enumerate(records):
         missing = [k for k in reward.fields if k not in rec]
