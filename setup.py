@@ -42,7 +42,9 @@ setup(
     },
     entry_points={
         "console_scripts": ["oapl=oapl.cli:main"],
-        # vLLM loads these in each of its processes: the CPU weight-transfer backend "gloo".
-        "vllm.general_plugins": ["oapl_gloo = oapl.engine.vllm_gloo:register"],
+        # vLLM loads these in each of its processes: the CPU weight-transfer backend "gloo", and
+        # the AMX tile state its CPU attention needs on AMX CPUs (oapl/engine/cpu_amx.py).
+        "vllm.general_plugins": ["oapl_gloo = oapl.engine.vllm_gloo:register",
+                                 "oapl_amx = oapl.engine.cpu_amx:allow_amx"],
     },
 )

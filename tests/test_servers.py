@@ -121,8 +121,24 @@ def _on(urls):
     return "generation.servers=[" + ",".join(urls) + "]"
 
 
-def _values(records):
-    return [[r[k] for k in DETERMINISTIC] for r in records]
+# Derived from the servers' log-probs: equal up to float noise (absolute tolerances). vLLM's
+# CPU kernels are not batch-invariant on every CPU: with AMX a server's bf16 log-probs move
+# with the requests that share its batch (seq_logratio_mean by up to ~1e-3 nats per
+# completion between one server and two), and the weights drift by as much. The sampled
+# tokens, so the rewards, lengths, turns and versions, stay exact.
+FLOAT_NOISE = {"loss": 1e-4, "seq_logratio_mean": 5e-3, "entropy_mean": 1e-3,
+               "grad_norm": 1e-3}
+
+
+def assert_same_run(a, b, keys=DETERMINISTIC):
+    """The runs ``a`` and ``b`` (metrics records) sampled the same: ``keys`` equal step by
+    step, those in ``FLOAT_NOISE`` within its tolerance."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        exact = [k for k in keys if k not in FLOAT_NOISE]
+        assert [y[k] for k in exact] == [x[k] for k in exact], (x["step"], exact)
+        for k in FLOAT_NOISE.keys() & set(keys):
+            assert y[k] == pytest.approx(x[k], abs=FLOAT_NOISE[k]), (x["step"], k)
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +152,10 @@ def straight(servers, tiny_model_dir, tmp_path_factory):
 def test_two_runs_identical_on_schedule(servers, tiny_model_dir, tmp_path, straight):
     train(_cfg(tmp_path / "again", tiny_model_dir, 8, _on(servers)))
     again = read_metrics(str(tmp_path / "again" / "metrics.jsonl"))
-    assert _values(again) == _values(straight)
+    assert_same_run(again, straight)
     train(_cfg(tmp_path / "one", tiny_model_dir, 8, _on(servers[:1])))
     one = read_metrics(str(tmp_path / "one" / "metrics.jsonl"))
-    assert _values(one) == _values(straight)  # the same seeds whatever the server count
+    assert_same_run(one, straight)  # the same seeds whatever the server count
     bound = lag_bound(K, MINI, L)
     for r in straight:
         b = (r["step"] - 1) // MINI
@@ -182,7 +198,7 @@ def test_sigkill_then_resume_continues_identically(servers, tiny_model_dir, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     train(_cfg(out, tiny_model_dir, 8, _on(servers), "resume=true"))
-    assert _values(read_metrics(str(out / "metrics.jsonl"))) == _values(straight)
+    assert_same_run(read_metrics(str(out / "metrics.jsonl")), straight)
 
 
 def test_replicas_learn_then_one_killed_gives_one_clear_line(tiny_model_dir, tmp_path):
@@ -261,7 +277,7 @@ def test_multiturn_on_servers_same_whatever_the_server_count(tmp_path):
     (tmp_path / "logs").mkdir()
     with _documented_servers(model, tmp_path / "logs") as urls:
         two, one = run("two", urls), run("one", urls[:1])
-    assert [[r[k] for k in keys] for r in one] == [[r[k] for k in keys] for r in two]
+    assert_same_run(one, two, keys)
     assert [r["version"] for r in two] == [0, 0, 0, 0, 2, 2]
     assert max(r["multi_turn_frac"] for r in two) > 0.1 and all(
         r["env_failures"] == 0 for r in two), two
