@@ -131,3 +131,16 @@ def test_seeded_sampling(engine):
     ids = lambda groups: [r.completion_ids for g in groups for r in g]  # noqa: E731
     assert ids(a) == ids(b) and ids(a) != ids(c)
     assert len({tuple(r.completion_ids) for r in a[0]}) > 1  # children use distinct seeds
+
+
+def test_vllm_loads_oapls_plugins_in_its_processes():
+    """vLLM runs every ``vllm.general_plugins`` entry point in each of its processes: oapl's
+    gloo weight-transfer backend and the AMX tile request (without which a fresh engine
+    process on an AMX CPU dies of SIGILL in vLLM's attention) are registered there."""
+    from importlib.metadata import entry_points
+
+    from oapl.engine.cpu_amx import allow_amx
+
+    plugins = {e.value for e in entry_points(group="vllm.general_plugins")}
+    assert {"oapl.engine.vllm_gloo:register", "oapl.engine.cpu_amx:allow_amx"} <= plugins
+    allow_amx()  # asks where the CPU has AMX, else does nothing; either way it returns
