@@ -101,6 +101,21 @@ class E(vf.Env[C]):
         await agents.solver.run(task)
 '''
 
+ON_RESPONSE = '''
+import verifiers.v1 as vf
+
+class R(vf.Task[vf.TaskData, vf.State, vf.TaskConfig]):
+    @vf.stop
+    async def long(self, response: vf.Response) -> bool:
+        return True
+
+class RS(vf.Taskset[R, vf.TasksetConfig]):
+    def load(self):
+        yield R(vf.TaskData(prompt="q"), self.config.task)
+
+__all__ = ["RS"]
+'''
+
 ENDLESS = '''
 class C(vf.EnvConfig):
     agent: vf.AgentConfig = vf.AgentConfig()
@@ -144,6 +159,11 @@ def test_single_turn_taskset_stops_and_failures(tmp_path):
     src = "verifiers:" + _package(tmp_path, "vf_two", TWO_SEATS, ', "E"')
     rec, = read_records(DataConfig(source=src))
     with pytest.raises(RuntimeError, match=r"seats \['critic', 'solver'\]"):
+        _play(rec, ["a"])
+    os.makedirs(tmp_path / "vf_resp")
+    (tmp_path / "vf_resp" / "__init__.py").write_text(ON_RESPONSE)
+    rec, = read_records(DataConfig(source=f"verifiers:{tmp_path / 'vf_resp'}"))
+    with pytest.raises(RuntimeError, match="@vf.stop long reads a model request or response"):
         _play(rec, ["a"])
     with pytest.raises(ValueError, match="verifiers taskset 'no_such_taskset'"):
         read_records(DataConfig(source="verifiers:no_such_taskset"))

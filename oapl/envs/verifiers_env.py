@@ -19,7 +19,8 @@ each carries its taskset config and task data); ``env.kwargs`` is the verifiers 
 (``--env.*`` there, e.g. a seat's ``max_turns``). Played: one seat (the policy), prompted
 tasks, the seat's ``max_turns`` and the task's ``@vf.stop`` hooks on the trace. Refused with
 an error naming what: several seats, a seat the env makes untrainable, tool servers
-(``toolsets``: MCP tools run inside verifiers' agent programs), a second interaction.
+(``toolsets``: MCP tools run inside verifiers' agent programs), ``@vf.stop`` hooks on model
+requests or responses, a second interaction.
 """
 
 from __future__ import annotations
@@ -95,8 +96,12 @@ class _Interaction:
                               hash=task.hash),
             agent=vf.AgentInfo(config=seat.spec, name=seat.name))
         self._call_hook = call_hook
-        self._stops = [fn for fn in task.hooks("stop")
-                       if hook_boundary(fn, allow_trace=True) is vf.Trace]
+        self._stops = task.hooks("stop")
+        for fn in self._stops:
+            if hook_boundary(fn, allow_trace=True) is not vf.Trace:
+                raise RuntimeError(f"@vf.stop {fn.__name__} reads a model request or response, "
+                                   "which oapl's engine does not make (a stop on the trace "
+                                   "works)")
         self._started = self._over = False
         data = task.data
         if data.system_prompt is not None:
