@@ -5,8 +5,8 @@ ARCH_REQ_XCOMP_PERM``); the first tile instruction of a process that has not ask
 SIGILL. vLLM's CPU attention picks its AMX kernel for bf16 on such CPUs without asking, and
 oneDNN asks only inside its own AMX paths, so whether an engine process survives its first
 request depended on which op ran first (a fresh server process running the tiny toy:ask
-model died). ``allow_amx`` asks, through torch; vLLM calls it in each of its processes (the
-``vllm.general_plugins`` entry point in setup.py), and the in-process engine calls it first.
+model died). ``allow_amx`` asks, through torch; vLLM calls it in each of its processes, the in-process
+engine's included (the ``vllm.general_plugins`` entry point in setup.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from ..batch import Rollout
 from ..config import GenerationConfig
 from ..prompts import Prompt
 from .adapter import AdapterDirs, AdapterWeights, adapter_name, engine_max_rank
-from .cpu_amx import allow_amx
 from .transport.base import wire_dtype
 
 
@@ -80,7 +79,6 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, SamplingParams
 
-        allow_amx()  # this process runs vLLM's CPU kernels (oapl/engine/cpu_amx.py)
         self._sampling_params_cls = SamplingParams
         self.version = 0
         self.logprobs_mode = cfg.logprobs_mode

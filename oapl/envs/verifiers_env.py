@@ -88,14 +88,13 @@ class _Interaction:
 
     def __init__(self, seat: _Seat, task):
         import verifiers.v1 as vf
-        from verifiers.v1.session import call_hook, hook_boundary
+        from verifiers.v1.session import hook_boundary
 
         self.seat, self.task = seat, task
         self.trace = vf.Trace(
             task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key,
                               hash=task.hash),
             agent=vf.AgentInfo(config=seat.spec, name=seat.name))
-        self._call_hook = call_hook
         self._stops = task.hooks("stop")
         for fn in self._stops:
             if hook_boundary(fn, allow_trace=True) is not vf.Trace:
@@ -120,13 +119,14 @@ class _Interaction:
         """Whether the seat's turn limit or a ``@vf.stop`` ends the exchange before a turn
         (checked, as verifiers does, before each turn after the first)."""
         import verifiers.v1 as vf
+        from verifiers.v1.session import call_hook
 
         limit = self.seat.spec.max_turns
         if limit is not None and self.trace.num_turns >= limit:
             self.trace.stop("max_turns")
             return True
         for stop in self._stops:
-            fired = await self._call_hook(stop, {vf.Trace: self.trace})
+            fired = await call_hook(stop, {vf.Trace: self.trace})
             if not isinstance(fired, bool):
                 raise TypeError(f"@stop {stop.__name__} returned {fired!r}, not a bool")
             if fired:
@@ -163,18 +163,18 @@ class _Seat:
     def __init__(self, name: str, spec, channel: _Channel):
         self.name, self.spec, self.channel = name, spec, channel
         self.trainable = True
-        self.traces: list = []  # (task, trace) of its interaction, once opened
+        self.played = None  # (task, trace) of its interaction, once opened
 
     @contextlib.asynccontextmanager
     async def interaction(self, task, **_):
-        if self.traces:
+        if self.played is not None:
             raise RuntimeError(f"seat {self.name!r}: a second interaction in one episode "
                                "(oapl plays one conversation per rollout)")
         if type(task).toolsets(task.config):
             raise RuntimeError(f"task {type(task).__name__} has tool servers (toolsets), "
                                "which oapl does not run")
         chat = _Interaction(self, task)
-        self.traces.append((task, chat.trace))
+        self.played = (task, chat.trace)
         yield chat
         chat.trace.stop("user_closed")
 
@@ -208,10 +208,10 @@ async def _episode(env, task, channel: _Channel) -> None:
             raise RuntimeError(f"{type(env).__name__}.setup() made seat {seat.name!r} "
                                "untrainable")
         await env.run(task, agents)
-        if not seat.traces:
+        if seat.played is None:
             raise RuntimeError(f"{type(env).__name__}.run() ran no turn of seat "
                                f"{seat.name!r}")
-        (played, trace), = seat.traces
+        played, trace = seat.played
         await played.score(trace)
         trace.is_completed = trace.ok = True
         episode = vf.Episode(env=vf.EnvInfo(id=env.config.env_id), task=trace.task,

@@ -87,9 +87,10 @@ def load_reward(cfg: DataConfig) -> tuple[RewardFn | None, int]:
 def read_records(cfg: DataConfig) -> list[dict]:
     """The task's records, checked to hold the fields its reward reads."""
     records = get_task(cfg.source).load(cfg)
-    if reward_name(cfg) is None:
+    name = reward_name(cfg)
+    if name is None:
         return records
-    reward = get_reward(reward_name(cfg))
+    reward = get_reward(name)
     for i, rec in enumerate(records):
         missing = [k for k in reward.fields if k not in rec]
         if missing:
